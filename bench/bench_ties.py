@@ -1,0 +1,666 @@
+"""Benchmark mergesmith against mergekit on the same recipes and the same synthetic models.
+
+Measures wall time, CPU time and peak memory of each tool as a subprocess (see measure.py),
+the start-up time of both CLIs, and the time to read the inputs from page cache (the floor
+for any tool that has to look at every weight). Optionally a scaling table for mergesmith:
+2, 4, 8 fine-tunes, and 1x vs 2x model size.
+
+Writes bench/results/latest.md and latest.json; logs of every run go to bench/results/raw/.
+
+This process never imports torch and never holds tensors: at exec, Linux charges the
+launcher's high-water RSS to the child's ru_maxrss, so a fat driver would inflate every
+figure it reports. Model generation and output comparison run as child processes.
+
+Usage: python bench/bench_ties.py [--only ties] [--no-scaling] [--mergekit auto|install|skip]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import measure
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parent
+METHODS = ("ties", "linear", "dare_ties")
+MERGEKIT_VERSION = "0.1.5"
+# Installed before mergekit: left to pip, torch resolves to a multi-GB CUDA build.
+MERGEKIT_TORCH = "torch==2.13.0"
+DENSITIES = (0.5, 0.5, 0.3)
+WEIGHTS = (1.0, 0.5, 0.7)
+DARE_SEED = 1
+GIB = 1024**3
+# Neither tool should wait on a network that is not there.
+CHILD_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
+
+
+@dataclass
+class ModelSet:
+    label: str
+    layers: int
+    root: Path
+    fine_tunes: int
+    params: int = 0
+
+    def base(self) -> Path:
+        return self.root / "base"
+
+    def fts(self, n: int) -> list[Path]:
+        return [self.root / f"ft{i}" for i in range(1, n + 1)]
+
+
+@dataclass
+class Case:
+    name: str
+    method: str
+    models: ModelSet
+    n_fine_tunes: int
+    recipe: Path = field(default=Path())
+
+    def inputs(self) -> list[Path]:
+        fts = self.models.fts(self.n_fine_tunes)
+        return fts if self.method == "linear" else [self.models.base(), *fts]
+
+
+@dataclass
+class Tool:
+    name: str
+    exe: Path
+    extra: list[str]
+    version: str = "?"
+
+    def argv(self, case: Case, out: Path) -> list[str]:
+        if self.name == "mergesmith":
+            argv = [str(self.exe), "run", str(case.recipe), str(out), "--overwrite"]
+            seed = ["--seed", str(DARE_SEED)]
+        else:
+            argv = [str(self.exe), str(case.recipe), str(out)]
+            seed = ["--random-seed", str(DARE_SEED)]
+        return argv + (seed if case.method.startswith("dare") else []) + self.extra
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def yaml_scalar(v: object) -> str:
+    # JSON scalars are valid YAML and quote paths safely.
+    return json.dumps(v)
+
+
+def write_recipe(case: Case, path: Path) -> None:
+    fts = case.models.fts(case.n_fine_tunes)
+    lines = [f"merge_method: {case.method}"]
+    if case.method != "linear":
+        lines += [f"base_model: {yaml_scalar(str(case.models.base()))}"]
+    lines += ["models:"]
+    if case.method != "linear":
+        lines += [f"  - model: {yaml_scalar(str(case.models.base()))}"]
+    for i, ft in enumerate(fts):
+        lines += [f"  - model: {yaml_scalar(str(ft))}", "    parameters:"]
+        if case.method != "linear":
+            lines += [f"      density: {DENSITIES[i % len(DENSITIES)]}"]
+        lines += [f"      weight: {WEIGHTS[i % len(WEIGHTS)]}"]
+    lines += ["parameters:", "  normalize: true"]
+    if case.method != "linear":
+        lines += ["  int8_mask: true"]
+    lines += ["dtype: bfloat16", ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    case.recipe = path
+
+
+def ensure_models(ms: ModelSet) -> None:
+    cmd = [sys.executable, str(BENCH / "make_models.py"), str(ms.root)]
+    cmd += ["--fine-tunes", str(ms.fine_tunes), "--layers", str(ms.layers)]
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    index = json.loads((ms.base() / "model.safetensors.index.json").read_text())
+    ms.params = index["metadata"]["total_size"] // 2  # bf16
+
+
+def files_under(paths: Sequence[Path]) -> list[Path]:
+    return sorted(f for p in paths for f in p.rglob("*") if f.is_file())
+
+
+def read_all(paths: Sequence[Path]) -> tuple[int, float]:
+    """Read every file under paths once with plain read(); return (bytes, seconds).
+
+    read() into one reused buffer, not mmap, so this process's RSS stays flat.
+    """
+    buf = bytearray(16 * 1024 * 1024)
+    view = memoryview(buf)
+    total = 0
+    start = time.perf_counter()
+    for f in files_under(paths):
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(view):
+                total += n
+    return total, time.perf_counter() - start
+
+
+def page_cache_floor(paths: Sequence[Path], repeat: int = 3) -> dict[str, float]:
+    read_all(paths)
+    times = []
+    for _ in range(repeat):
+        nbytes, secs = read_all(paths)
+        times.append(secs)
+    best = min(times)
+    return {"bytes": nbytes, "seconds": best, "gb_per_s": nbytes / best / 1e9}
+
+
+# --------------------------------------------------------------------------- tools
+
+
+def tool_version(python: Path, dist: str) -> str:
+    code = f"import importlib.metadata as m; print(m.version({dist!r}))"
+    r = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return r.stdout.strip() if r.returncode == 0 else "?"
+
+
+def find_mergesmith(explicit: str | None) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    # Not .resolve(): a venv's python is a symlink, and the venv is what we want.
+    beside = Path(sys.executable).parent / "mergesmith"
+    if beside.exists():
+        return beside
+    found = shutil.which("mergesmith")
+    return Path(found) if found else None
+
+
+def install_mergekit(venv: Path) -> Path:
+    exe = venv / "bin" / "mergekit-yaml"
+    if exe.exists():
+        return exe
+    print(f"[bench] installing mergekit {MERGEKIT_VERSION} into {venv} ...", flush=True)
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+    pip = [str(venv / "bin" / "pip"), "install", "-q"]
+    subprocess.run([*pip, MERGEKIT_TORCH], check=True)
+    subprocess.run([*pip, f"mergekit=={MERGEKIT_VERSION}"], check=True)
+    return exe
+
+
+def find_mergekit(mode: str, explicit: str | None, work: Path) -> Path | None:
+    if mode == "skip":
+        return None
+    local = work / "mkvenv"
+    for cand in (explicit, os.environ.get("MERGEKIT_YAML"), local / "bin" / "mergekit-yaml"):
+        if cand and Path(cand).exists():
+            return Path(cand)
+    if mode == "install":
+        return install_mergekit(local)
+    found = shutil.which("mergekit-yaml")
+    return Path(found) if found else None
+
+
+def machine_info(tools: Sequence[Tool]) -> dict[str, object]:
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    mem_kb = 0
+    with open("/proc/meminfo") as f:
+        for line in f:
+            if line.startswith("MemTotal:"):
+                mem_kb = int(line.split()[1])
+    code = "import torch; print(torch.__version__, torch.get_num_threads())"
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    torch_version, torch_threads = (r.stdout.split() + ["?", "?"])[:2]
+    info: dict[str, object] = {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "cores_usable": len(os.sched_getaffinity(0)),
+        "ram_gib": round(mem_kb / 1024**2, 1),
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "torch": torch_version,
+        "torch_default_threads": torch_threads,
+    }
+    for t in tools:
+        info[f"{t.name}_version"] = t.version
+    if any(t.name == "mergekit" for t in tools):
+        mk = next(t for t in tools if t.name == "mergekit")
+        info["mergekit_torch"] = tool_version(mk.exe.parent / "python", "torch")
+    return info
+
+
+# --------------------------------------------------------------------------- running
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, tools: list[Tool], results_dir: Path) -> None:
+        self.args = args
+        self.tools = tools
+        self.results_dir = results_dir
+        self.stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.logs = results_dir / "raw" / f"logs-{self.stamp}"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, **CHILD_ENV}
+        self.data: dict[str, object] = {
+            "started": dt.datetime.now().isoformat(timespec="seconds"),
+            "settings": {},
+            "machine": {},
+            "models": {},
+            "startup": {},
+            "floor": {},
+            "runs": [],
+            "comparisons": {},
+            "notes": [],
+        }
+
+    def note(self, text: str) -> None:
+        print(f"[bench] {text}", flush=True)
+        self.data["notes"].append(text)  # type: ignore[attr-defined]
+
+    def startup(self, repeat: int) -> None:
+        for tool in self.tools:
+            ms = [
+                measure.run([str(tool.exe), "--help"], env=self.env, timeout_s=120)
+                for _ in range(repeat)
+            ]
+            self.data["startup"][tool.name] = {  # type: ignore[index]
+                "ok": all(m.ok for m in ms),
+                "wall_s": [m.wall_s for m in ms],
+                "median_wall_s": statistics.median(m.wall_s for m in ms),
+                "peak_rss_bytes": max(m.peak_rss_bytes for m in ms),
+            }
+            print(
+                f"[bench] {tool.name} --help: median {statistics.median(m.wall_s for m in ms):.2f} s",
+                flush=True,
+            )
+
+    def run_case(self, case: Case, tools: Sequence[Tool], repeat: int, group: str) -> None:
+        out_root = self.args.work / "out" / case.name
+        inputs = case.inputs()
+        self.data["floor"][case.name] = page_cache_floor(inputs)  # type: ignore[index]
+        for rep in range(repeat):
+            # Alternate the order so slow drift (thermal, writeback) does not favour one tool.
+            order = list(tools) if rep % 2 == 0 else list(reversed(tools))
+            for tool in order:
+                out = out_root / tool.name
+                shutil.rmtree(out, ignore_errors=True)
+                out.parent.mkdir(parents=True, exist_ok=True)
+                # Flush the previous run's output so its writeback does not land in this run,
+                # then pull every input into page cache: both tools start from the same state.
+                os.sync()
+                read_all(inputs)
+                log = self.logs / f"{case.name}-{tool.name}-{rep}.log"
+                print(f"[bench] {case.name}: {tool.name} (rep {rep + 1}/{repeat}) ...", flush=True)
+                m = measure.run(
+                    tool.argv(case, out), log=log, env=self.env, timeout_s=self.args.timeout
+                )
+                t0 = time.perf_counter()
+                os.sync()
+                sync_after = time.perf_counter() - t0
+                status = "ok" if m.ok else ("TIMEOUT" if m.timed_out else f"rc={m.returncode}")
+                print(
+                    f"[bench]   {status}: wall {m.wall_s:.1f} s, cpu {m.cpu_s:.1f} s, "
+                    f"peak RSS {m.peak_rss_bytes / GIB:.2f} GiB, "
+                    f"anon {m.peak_anon_bytes / GIB:.2f} GiB",
+                    flush=True,
+                )
+                if not m.ok:
+                    print(f"[bench]   see {log}", flush=True)
+                run = {
+                    "group": group,
+                    "case": case.name,
+                    "method": case.method,
+                    "models": case.models.label,
+                    "n_fine_tunes": case.n_fine_tunes,
+                    "params_per_model": case.models.params,
+                    "tool": tool.name,
+                    "rep": rep,
+                    "log": str(log),
+                    "sync_after_s": sync_after,
+                    **asdict(m),
+                    "cpu_s": m.cpu_s,
+                    "ok": m.ok,
+                }
+                self.data["runs"].append(run)  # type: ignore[attr-defined]
+                self.save()
+
+    def compare(self, case: Case) -> None:
+        a, b = (self.args.work / "out" / case.name / t for t in ("mergesmith", "mergekit"))
+        ok = {
+            r["tool"]
+            for r in self.data["runs"]  # type: ignore[attr-defined]
+            if r["case"] == case.name and r["ok"]
+        }
+        if not {"mergesmith", "mergekit"} <= ok:
+            return
+        cmd = [sys.executable, str(BENCH / "compare_outputs.py"), str(a), str(b)]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        if r.returncode != 0:
+            self.note(f"comparing {case.name} outputs failed: {r.stderr.strip()[-500:]}")
+            return
+        self.data["comparisons"][case.name] = json.loads(r.stdout)  # type: ignore[index]
+        self.save()
+
+    def save(self) -> None:
+        self.data["finished"] = dt.datetime.now().isoformat(timespec="seconds")
+        text = json.dumps(self.data, indent=2, default=str) + "\n"
+        (self.results_dir / "raw" / f"bench-{self.stamp}.json").write_text(text)
+        (self.results_dir / "latest.json").write_text(text)
+        (self.results_dir / "latest.md").write_text(render(self.data))
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _median(runs: list[dict], key: str) -> float:
+    return statistics.median(float(r[key]) for r in runs)
+
+
+def summarize(runs: list[dict], group: str) -> dict[tuple[str, str], dict[str, float]]:
+    out: dict[tuple[str, str], dict[str, float]] = {}
+    keys = {(r["case"], r["tool"]) for r in runs if r["group"] == group}
+    for case, tool in keys:
+        rs = [r for r in runs if r["group"] == group and r["case"] == case and r["tool"] == tool]
+        good = [r for r in rs if r["ok"]]
+        if not good:
+            out[case, tool] = {"failed": 1.0, "n": float(len(rs))}
+            continue
+        out[case, tool] = {
+            "wall_s": _median(good, "wall_s"),
+            "cpu_s": _median(good, "cpu_s"),
+            "peak_rss_bytes": _median(good, "peak_rss_bytes"),
+            "peak_anon_bytes": _median(good, "peak_anon_bytes"),
+            "n": float(len(good)),
+        }
+    return out
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return f"{a / b:.2f}x" if a and b else "–"
+
+
+def _fmt_row(s: dict[str, float] | None) -> list[str]:
+    if s is None:
+        return ["not run"] + [""] * 4
+    if "failed" in s:
+        return ["FAILED"] + [""] * 4
+    return [
+        f"{s['wall_s']:.1f}",
+        f"{s['cpu_s']:.1f}",
+        f"{s['cpu_s'] / s['wall_s']:.2f}",
+        f"{s['peak_rss_bytes'] / GIB:.2f}",
+        f"{s['peak_anon_bytes'] / GIB:.2f}",
+    ]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def render(data: dict) -> str:
+    m, st = data["machine"], data["settings"]
+    lines = [
+        "# mergesmith vs mergekit benchmark",
+        "",
+        f"Run {data['started']} (last update {data.get('finished', '?')}).",
+        "",
+        f"Machine: {m.get('cpu')}, {m.get('cores_usable')} cores usable, {m.get('ram_gib')} GiB RAM,"
+        f" Linux {m.get('kernel')}, Python {m.get('python')}, torch {m.get('torch')}"
+        f" ({m.get('torch_default_threads')} threads by default).",
+        f"Tools: mergesmith {m.get('mergesmith_version', '–')}"
+        f" (`{st.get('mergesmith_cmd', '–')}`), mergekit {m.get('mergekit_version', '–')}"
+        f" with torch {m.get('mergekit_torch', '–')} (`{st.get('mergekit_cmd', '–')}`).",
+        "",
+    ]
+    for label, md in data["models"].items():
+        lines.append(
+            f"Models ({label}): Llama-shaped, {md['layers']} layers, hidden 1024, "
+            f"{md['params'] / 1e6:.1f}M parameters each, bf16, sharded safetensors "
+            f"({md['bytes_per_model'] / 1e9:.2f} GB per model)."
+        )
+    lines += [
+        "",
+        "Method: each tool runs as a subprocess; wall = elapsed, CPU = user+sys of the child "
+        "(wait4), peak RSS = ru_maxrss of the child (counts mmapped file pages), anon = peak "
+        "RssAnon summed over the process tree, sampled every 20 ms (memory that cannot be "
+        "reclaimed). Before every run the previous output is deleted, `sync` is called and "
+        "all input files are read once so they sit in page cache for both tools. Output "
+        "writeback is not timed. Figures are medians of "
+        f"{st.get('repeat', 1)} run(s).",
+        "",
+    ]
+    runs = data["runs"]
+    cmp_rows = summarize(runs, "methods")
+    if cmp_rows:
+        lines += ["## mergesmith vs mergekit", ""]
+        header = ["case", "tool", "wall s", "CPU s", "CPU/wall", "peak RSS GiB", "anon GiB"]
+        rows: list[list[str]] = []
+        for case in dict.fromkeys(r["case"] for r in runs if r["group"] == "methods"):
+            ms, mk = cmp_rows.get((case, "mergesmith")), cmp_rows.get((case, "mergekit"))
+            rows.append([case, "mergekit", *_fmt_row(mk)])
+            rows.append([case, "mergesmith", *_fmt_row(ms)])
+            if ms and mk and "failed" not in ms and "failed" not in mk:
+                rows.append(
+                    [
+                        case,
+                        "**mergekit / mergesmith**",
+                        f"**{_ratio(mk['wall_s'], ms['wall_s'])}**",
+                        _ratio(mk["cpu_s"], ms["cpu_s"]),
+                        "",
+                        f"**{_ratio(mk['peak_rss_bytes'], ms['peak_rss_bytes'])}**",
+                        _ratio(mk["peak_anon_bytes"], ms["peak_anon_bytes"]),
+                    ]
+                )
+        lines += _table(header, rows) + [""]
+    floor = data["floor"]
+    if floor:
+        lines += ["## Floors", ""]
+        rows = [
+            [
+                case,
+                f"{f['bytes'] / 1e9:.2f}",
+                f"{f['seconds']:.2f}",
+                f"{f['gb_per_s']:.1f}",
+            ]
+            for case, f in floor.items()
+        ]
+        lines += ["Reading every input once from page cache (plain read(), best of 3):", ""]
+        lines += _table(["case", "input GB", "read s", "GB/s"], rows) + [""]
+    if data["startup"]:
+        rows = [
+            [
+                f"`{name} --help`" if name == "mergesmith" else "`mergekit-yaml --help`",
+                f"{s['median_wall_s']:.2f}" if s["ok"] else "FAILED",
+                f"{s['peak_rss_bytes'] / GIB:.2f}",
+            ]
+            for name, s in data["startup"].items()
+        ]
+        lines += ["Start-up (median of runs):", ""]
+        lines += _table(["command", "wall s", "peak RSS GiB"], rows) + [""]
+    scale = summarize(runs, "scaling")
+    if scale:
+        lines += ["## Scaling (TIES)", ""]
+        header = ["models", "size", "params/model", "tool", "input GB", "read floor s"]
+        header += ["wall s", "CPU s", "CPU/wall", "peak RSS GiB", "anon GiB"]
+        rows = []
+        seen = dict.fromkeys((r["case"], r["tool"]) for r in runs if r["group"] == "scaling")
+        for case, tool in seen:
+            r0 = next(r for r in runs if r["case"] == case and r["tool"] == tool)
+            f = floor.get(case, {})
+            rows.append(
+                [
+                    f"base + {r0['n_fine_tunes']}",
+                    r0["models"],
+                    f"{r0['params_per_model'] / 1e6:.0f}M",
+                    tool,
+                    f"{f.get('bytes', 0) / 1e9:.2f}",
+                    f"{f.get('seconds', 0):.2f}",
+                    *_fmt_row(scale[case, tool]),
+                ]
+            )
+        lines += _table(header, rows) + [""]
+    if data["comparisons"]:
+        lines += ["## Output agreement (mergesmith vs mergekit)", ""]
+        rows = []
+        for case, c in data["comparisons"].items():
+            frac = c["differing_elements"] / c["elements"] if c["elements"] else 0.0
+            missing = len(c["only_in_a"]) + len(c["only_in_b"]) + len(c["mismatched"])
+            rows.append(
+                [
+                    case,
+                    str(c["tensors_compared"]),
+                    str(missing),
+                    f"{c['max_abs_diff']:.3g}",
+                    f"{c['max_diff_in_bf16_ulps']:.2f}",
+                    f"{c['mean_abs_diff']:.3g}",
+                    f"{100 * frac:.4f}%",
+                ]
+            )
+        header = ["case", "tensors", "missing/mismatched", "max abs diff", "max diff (bf16 ulps)"]
+        header += ["mean abs diff", "elements differing"]
+        lines += _table(header, rows) + [""]
+        lines += [
+            "ulps are relative to the bf16 spacing at the larger of the two values: "
+            "≤ 1 is rounding. dare_ties draws random masks, so it only agrees if both tools "
+            "consume the same random stream.",
+            "",
+        ]
+    if data["notes"]:
+        lines += ["## Notes", ""] + [f"- {n}" for n in data["notes"]] + [""]
+    return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "--only",
+        type=lambda s: [m.strip() for m in s.split(",") if m.strip()],
+        help=f"comma-separated methods out of {','.join(METHODS)}; turns scaling off unless "
+        "--scaling is given",
+    )
+    ap.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument("--scale-models", default="2,4,8", help="fine-tune counts for scaling")
+    ap.add_argument(
+        "--scaling-mergekit",
+        action="store_true",
+        help="run mergekit in the scaling table too",
+    )
+    ap.add_argument("--mergekit", choices=("auto", "install", "skip"), default="auto")
+    ap.add_argument("--mergekit-bin", help="mergekit-yaml to use (also $MERGEKIT_YAML)")
+    ap.add_argument("--mergekit-args", default="", help="extra mergekit-yaml arguments")
+    ap.add_argument("--mergesmith", help="mergesmith executable (default: beside this python)")
+    ap.add_argument("--mergesmith-args", default="", help='extra "mergesmith run" arguments')
+    ap.add_argument("--repeat", type=int, default=1, help="runs per tool and case (median)")
+    ap.add_argument("--startup-repeat", type=int, default=5)
+    ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    ap.add_argument("--no-compare", dest="compare", action="store_false")
+    ap.add_argument("--work", type=Path, default=BENCH / "work")
+    ap.add_argument("--results", type=Path, default=BENCH / "results")
+    args = ap.parse_args(argv)
+    for m in args.only or []:
+        if m not in METHODS:
+            ap.error(f"--only: unknown method {m!r}")
+    if args.scaling is None:
+        args.scaling = args.only is None
+    args.work = args.work.resolve()
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    methods = args.only or list(METHODS)
+    scale_counts = [int(x) for x in args.scale_models.split(",")] if args.scaling else []
+    args.results.mkdir(parents=True, exist_ok=True)
+
+    tools: list[Tool] = []
+    notes: list[str] = []
+    mk_exe = find_mergekit(args.mergekit, args.mergekit_bin, args.work)
+    if mk_exe is not None:
+        mk = Tool("mergekit", mk_exe, shlex.split(args.mergekit_args))
+        mk.version = tool_version(mk_exe.parent / "python", "mergekit")
+        if mk.version != MERGEKIT_VERSION:
+            notes.append(f"mergekit is {mk.version}, not the reference {MERGEKIT_VERSION}")
+        tools.append(mk)
+    elif args.mergekit != "skip":
+        notes.append("mergekit not found: run with --mergekit install (or --mergekit-bin)")
+    ms_exe = find_mergesmith(args.mergesmith)
+    if ms_exe is not None:
+        ms = Tool("mergesmith", ms_exe, shlex.split(args.mergesmith_args))
+        ms.version = tool_version(Path(sys.executable), "mergesmith")
+        tools.append(ms)
+    else:
+        notes.append("mergesmith executable not found")
+
+    bench = Bench(args, tools, args.results)
+    for n in notes:
+        bench.note(n)
+    bench.data["settings"] = {
+        "methods": methods,
+        "scaling": scale_counts,
+        "repeat": args.repeat,
+        "mergesmith_cmd": "mergesmith run RECIPE OUT --overwrite " + args.mergesmith_args,
+        "mergekit_cmd": "mergekit-yaml RECIPE OUT " + args.mergekit_args,
+        "densities": DENSITIES,
+        "weights": WEIGHTS,
+        "dare_seed": DARE_SEED,
+        "argv": sys.argv,
+    }
+    bench.data["machine"] = machine_info(tools)
+
+    one_x = ModelSet("1x", 12, args.work / "models", max([3, *scale_counts]))
+    two_x = ModelSet("2x", 24, args.work / "models-2x", 3)
+    sets = [one_x, two_x] if scale_counts else [one_x]
+    for s in sets:
+        ensure_models(s)
+        size = sum(f.stat().st_size for f in files_under([s.base()]))
+        bench.data["models"][s.label] = {  # type: ignore[index]
+            "layers": s.layers,
+            "params": s.params,
+            "bytes_per_model": size,
+            "root": str(s.root),
+        }
+
+    bench.startup(args.startup_repeat)
+    for tool in list(tools):
+        if not bench.data["startup"][tool.name]["ok"]:  # type: ignore[index]
+            bench.note(f"`{tool.exe} --help` failed; {tool.name} is left out")
+            tools.remove(tool)
+
+    recipes = args.work / "recipes"
+    for method in methods:
+        case = Case(method, method, one_x, 3)
+        write_recipe(case, recipes / f"{method}.yml")
+        bench.run_case(case, tools, args.repeat, "methods")
+        if args.compare:
+            bench.compare(case)
+
+    scale_tools = [t for t in tools if t.name == "mergesmith" or args.scaling_mergekit]
+    if scale_counts and scale_tools:
+        cases = [Case(f"ties-{n}ft-1x", "ties", one_x, n) for n in scale_counts]
+        cases += [Case(f"ties-3ft-{s.label}", "ties", s, 3) for s in (one_x, two_x)]
+        for case in cases:
+            write_recipe(case, recipes / f"{case.name}.yml")
+            bench.run_case(case, scale_tools, args.repeat, "scaling")
+
+    bench.save()
+    print()
+    print((args.results / "latest.md").read_text())
+    failed = [r for r in bench.data["runs"] if not r["ok"]]  # type: ignore[attr-defined]
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

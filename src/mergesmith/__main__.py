@@ -1,0 +1,3 @@
+from mergesmith.cli import main
+
+main()

@@ -1,0 +1,165 @@
+"""The library entry point: `merge(recipe, out_dir, **options)`. The CLI is a thin layer on it."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mergesmith.config import Recipe, load_recipe
+from mergesmith.errors import MergeError, MergeErrors
+from mergesmith.plan import Plan, build_plan
+from mergesmith.sources import ModelSource, open_model
+from mergesmith.units import parse_size
+
+log = logging.getLogger("mergesmith")
+
+
+@dataclass
+class MergeResult:
+    out_dir: Path
+    tensors: int
+    bytes_written: int
+    seconds: float
+    seed: int
+    files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def open_sources(recipe: Recipe) -> dict[str, ModelSource]:
+    """Open every model the recipe names, reading headers only; report all failures together."""
+    sources: dict[str, ModelSource] = {}
+    problems: list[MergeError] = []
+    for ref in recipe.referenced_models():
+        try:
+            sources[ref.text] = open_model(ref.text, ref.path, ref.revision)
+        except MergeError as exc:
+            problems.append(exc)
+    if problems:
+        raise MergeErrors(problems)
+    return sources
+
+
+def prepare(
+    recipe: str | Path | dict[str, Any], seed: int = 0
+) -> tuple[Plan, dict[str, ModelSource]]:
+    """Load, open and plan: everything that needs no tensor data. `validate` stops here."""
+    loaded = load_recipe(recipe)
+    sources = open_sources(loaded)
+    return build_plan(loaded, sources, seed), sources
+
+
+def merge(
+    recipe: str | Path | dict[str, Any],
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    threads: int | None = None,
+    max_memory: str | int | None = None,
+    shard_size: str | int = "5GB",
+    device: str = "cpu",
+    overwrite: bool = False,
+    allow_nonfinite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> MergeResult:
+    """Merge the models a mergekit-style recipe names into a Hugging Face folder at `out_dir`.
+
+    `recipe` is a YAML file path, YAML text, or a parsed dict. Nothing appears at `out_dir` until
+    every tensor is written and checked.
+    """
+    from mergesmith.engine import EngineOptions, run_jobs
+    from mergesmith.output import finish, metadata
+    from mergesmith.output.layout import plan_layout
+    from mergesmith.output.writer import TensorWriter
+
+    started = time.perf_counter()
+    out = Path(out_dir).expanduser().absolute()
+    shard_bytes = parse_size(shard_size, "--shard-size")
+    memory_bytes = parse_size(max_memory, "--max-memory") if max_memory is not None else None
+    device = _resolve_device(device)
+    finish.check_output_target(out, overwrite)
+    plan, sources = prepare(recipe, seed)
+    _refuse_input_as_output(out, sources)
+    for warning in plan.warnings:
+        log.warning(warning)
+
+    staging = finish.staging_folder(out)
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    layout = plan_layout(plan.jobs, shard_bytes)
+    try:
+        writer = TensorWriter(staging, layout)
+        try:
+            done = 0
+
+            def write(job, tensor) -> None:
+                writer.write(job.name, tensor)
+
+            def on_done(job) -> None:
+                nonlocal done
+                done += 1
+                if progress is not None:
+                    progress(done, len(plan.jobs))
+
+            options = EngineOptions(
+                threads=threads or os.cpu_count() or 1,
+                max_memory=memory_bytes,
+                device=device,
+                allow_nonfinite=allow_nonfinite,
+            )
+            run_jobs(plan, sources, write, options, on_done=on_done)
+        finally:
+            writer.close()
+        index = layout.index_json()
+        if index is not None:
+            (staging / "model.safetensors.index.json").write_text(index, encoding="utf-8")
+        metadata.write_config(plan, sources, staging)
+        metadata.copy_tokenizer(plan, sources, staging)
+        metadata.write_card(plan, staging)
+        finish.verify(staging, layout)
+        finish.publish(staging, out, overwrite)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        for source in sources.values():
+            source.close()
+    return MergeResult(
+        out_dir=out,
+        tensors=len(plan.jobs),
+        bytes_written=plan.total_bytes,
+        seconds=time.perf_counter() - started,
+        seed=seed,
+        files=sorted(p.name for p in out.iterdir()),
+        warnings=list(plan.warnings),
+    )
+
+
+def _resolve_device(device: str) -> str:
+    if device not in ("cpu", "cuda", "auto") and not device.startswith("cuda:"):
+        raise MergeError(f"--device: unknown device '{device}'", "use cpu, cuda or auto")
+    if device == "cpu":
+        return device
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available():
+        raise MergeError(f"--device {device}: no CUDA GPU is available", "use --device cpu")
+    return device
+
+
+def _refuse_input_as_output(out: Path, sources: dict[str, ModelSource]) -> None:
+    for ref, source in sources.items():
+        folder = source.folder.absolute()
+        if out == folder or out in folder.parents or folder in out.parents:
+            raise MergeError(
+                f"output folder '{out}' overlaps input model '{ref}' ({folder})",
+                "write the merge to a new folder",
+            )

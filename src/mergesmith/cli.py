@@ -1,0 +1,181 @@
+"""The `mergesmith` command. A thin layer on `mergesmith.api`; imports stay lazy so that
+`mergesmith --help` answers at once."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+EXIT_USER_ERROR = 2
+EXIT_INTERNAL = 1
+
+
+def _fail(error: BaseException, debug: bool) -> None:
+    from mergesmith.errors import MergeError, MergeErrors
+
+    if debug:
+        traceback.print_exception(error)
+    if isinstance(error, MergeErrors) and len(error.errors) > 1:
+        click.echo(f"error: {len(error.errors)} problems found:", err=True)
+        for problem in error.errors:
+            click.echo(f"error: {problem.message}", err=True)
+            if problem.hint:
+                click.echo(f"  hint: {problem.hint}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    if isinstance(error, MergeError):
+        click.echo(f"error: {error.message}", err=True)
+        if error.hint:
+            click.echo(f"  hint: {error.hint}", err=True)
+        sys.exit(EXIT_USER_ERROR)
+    click.echo(
+        f"internal error: {error.__class__.__name__}: {error} (run with --debug for the "
+        "traceback and report it)",
+        err=True,
+    )
+    sys.exit(EXIT_INTERNAL)
+
+
+def _guarded(debug: bool, work: Callable[[], Any]) -> Any:
+    def interrupted(signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    signal.signal(signal.SIGTERM, interrupted)
+    try:
+        return work()
+    except KeyboardInterrupt as exc:
+        click.echo(f"interrupted ({exc or 'SIGINT'}): nothing was published", err=True)
+        sys.exit(130)
+    except SystemExit:
+        raise
+    except Exception as exc:
+        _fail(exc, debug)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="mergesmith")
+def main() -> None:
+    """Merge fine-tuned checkpoints from mergekit YAML recipes."""
+
+
+debug_option = click.option("--debug", is_flag=True, help="Show tracebacks.")
+seed_option = click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed for random methods."
+)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@seed_option
+@click.option("--threads", type=click.IntRange(min=1), default=None, help="Jobs in parallel.")
+@click.option("--max-memory", default=None, help="Working memory for jobs in flight, e.g. 4GB.")
+@click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
+@click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
+@click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN or Inf.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+@debug_option
+def run(
+    recipe: str,
+    out_dir: str,
+    seed: int,
+    threads: int | None,
+    max_memory: str | None,
+    shard_size: str,
+    device: str,
+    overwrite: bool,
+    allow_nonfinite: bool,
+    quiet: bool,
+    debug: bool,
+) -> None:
+    """Merge the models RECIPE names into OUT_DIR."""
+    _setup_logging(quiet)
+
+    def work() -> None:
+        from mergesmith.api import merge
+
+        result = merge(
+            recipe,
+            out_dir,
+            seed=seed,
+            threads=threads,
+            max_memory=max_memory,
+            shard_size=shard_size,
+            device=device,
+            overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
+        )
+        if not quiet:
+            click.echo(
+                f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into "
+                f"{result.out_dir} in {result.seconds:.1f} s (seed {result.seed})"
+            )
+
+    _guarded(debug, work)
+
+
+@main.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@seed_option
+@click.option("--plan", "show_plan", is_flag=True, help="List every output tensor's job.")
+@debug_option
+def validate(recipe: str, seed: int, show_plan: bool, debug: bool) -> None:
+    """Check RECIPE and the models' headers without reading any weights."""
+    _setup_logging(False)
+
+    def work() -> None:
+        from mergesmith.api import prepare
+
+        plan, _ = prepare(recipe, seed)
+        for warning in plan.warnings:
+            click.echo(f"warning: {warning}", err=True)
+        if show_plan:
+            for job in plan.jobs:
+                sources = ", ".join(f"{i.model}:{i.name}" for i in job.inputs)
+                click.echo(f"{job.name} {list(job.shape)} {job.dtype} <- {sources}")
+        click.echo(
+            f"ok: {plan.method.name}, {len(plan.jobs)} tensors, "
+            f"{plan.total_bytes / 1e6:.1f} MB to write"
+        )
+
+    _guarded(debug, work)
+
+
+@main.command()
+def methods() -> None:
+    """List the merge methods and their parameters."""
+    from mergesmith.methods.registry import all_methods
+
+    for method in all_methods():
+        base = "needs base_model" if method.needs_base else "no base needed"
+        click.echo(f"{method.name}: {method.description} ({base})")
+        for p in method.params:
+            scope = "per model" if p.per_model else "global"
+            default = "required" if p.required else f"default {_show(p.default)}"
+            click.echo(f"    {p.name:<17} {p.kind.__name__:<6} {scope:<9} {default:<16} {p.help}")
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(
+        level=logging.ERROR if quiet else logging.WARNING,
+        format="warning: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+if __name__ == "__main__":
+    main()

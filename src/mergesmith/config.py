@@ -1,0 +1,429 @@
+"""The recipe: mergekit's YAML, validated into typed data.
+
+Every problem found here names its key and line. Unlike mergekit, unknown keys are errors (a
+misspelled `paramters:` would otherwise produce a different model with no warning).
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from mergesmith.errors import MergeError, MergeErrors
+from mergesmith.yamlpos import line_of, load_with_positions
+
+# A parameter setting as written: a scalar, a gradient (list of numbers), or filter entries.
+Setting = Any
+
+DTYPE_NAMES = {
+    "float32": "F32",
+    "fp32": "F32",
+    "float": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float64": "F64",
+}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class _SourceYaml(_Strict):
+    model: str
+    layer_range: tuple[int, int]
+    parameters: dict[str, Any] | None = None
+
+
+class _ModelYaml(_Strict):
+    model: str
+    parameters: dict[str, Any] | None = None
+
+
+class _SliceYaml(_Strict):
+    sources: list[_SourceYaml]
+    base_model: str | None = None
+    parameters: dict[str, Any] | None = None
+
+
+class _RecipeYaml(_Strict):
+    merge_method: str
+    base_model: str | None = None
+    models: list[_ModelYaml] | None = None
+    slices: list[_SliceYaml] | None = None
+    parameters: dict[str, Any] | None = None
+    dtype: str | None = None
+    out_dtype: str | None = None
+    tokenizer_source: str | None = None
+    tokenizer: dict[str, Any] | None = None
+    chat_template: str | None = None
+
+    @field_validator("dtype", "out_dtype")
+    @classmethod
+    def _known_dtype(cls, value: str | None) -> str | None:
+        if value is not None and value not in DTYPE_NAMES:
+            raise ValueError(f"unknown dtype {value!r}; use one of float32, float16, bfloat16")
+        return value
+
+
+_FIELDS_AT: dict[str, type[BaseModel]] = {
+    "": _RecipeYaml,
+    "models": _ModelYaml,
+    "slices": _SliceYaml,
+    "sources": _SourceYaml,
+}
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A model as the recipe names it: a local folder or a hub id, optionally `@revision`."""
+
+    text: str
+    path: str
+    revision: str | None = None
+
+    @staticmethod
+    def parse(text: str) -> ModelRef:
+        path, revision = text, None
+        if "+" in text:
+            raise MergeError(
+                f"model '{text}': LoRA adapters ('MODEL+ADAPTER') are not supported yet",
+                "merge the adapter into its model first (PEFT's merge_and_unload), then use that",
+            )
+        if "@" in text and not Path(text).exists():
+            path, revision = text.rsplit("@", 1)
+        return ModelRef(text=text, path=path, revision=revision)
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclass(frozen=True)
+class ModelInput:
+    """One model of a `models:` list, or one source of a slice."""
+
+    ref: ModelRef
+    parameters: dict[str, Setting]
+    layer_range: tuple[int, int] | None = None
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class SliceSpec:
+    sources: tuple[ModelInput, ...]
+    base_model: ModelRef | None
+    parameters: dict[str, Setting]
+    where: str = ""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. `slices` is None for the `models:` form."""
+
+    merge_method: str
+    base_model: ModelRef | None
+    models: tuple[ModelInput, ...] | None
+    slices: tuple[SliceSpec, ...] | None
+    parameters: dict[str, Setting]
+    dtype: str | None
+    out_dtype: str | None
+    tokenizer_source: str | None
+    chat_template: str | None
+    text: str
+    source_name: str
+    lines: dict[tuple[str | int, ...], int] = field(repr=False, default_factory=dict)
+
+    def line(self, *path: str | int) -> int | None:
+        return line_of(self.lines, tuple(path))
+
+    def where(self, *path: str | int) -> str:
+        line = self.line(*path)
+        return f"{self.source_name}:{line}" if line else self.source_name
+
+    def referenced_models(self) -> list[ModelRef]:
+        """Every model once, in first-mention order (base first)."""
+        seen: dict[str, ModelRef] = {}
+        if self.base_model:
+            seen[self.base_model.text] = self.base_model
+        for entry in self.models or ():
+            seen.setdefault(entry.ref.text, entry.ref)
+        for spec in self.slices or ():
+            if spec.base_model:
+                seen.setdefault(spec.base_model.text, spec.base_model)
+            for src in spec.sources:
+                seen.setdefault(src.ref.text, src.ref)
+        return list(seen.values())
+
+
+def load_recipe(recipe: str | Path | dict[str, Any]) -> Recipe:
+    """Read a recipe from a YAML file path, a YAML string, or an already-parsed dict."""
+    import yaml
+
+    if isinstance(recipe, dict):
+        text = yaml.safe_dump(recipe, sort_keys=False)
+        name = "<recipe>"
+    elif isinstance(recipe, Path) or (
+        isinstance(recipe, str) and "\n" not in recipe and recipe.endswith((".yml", ".yaml"))
+    ):
+        path = Path(recipe)
+        try:
+            text = path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            raise MergeError(f"recipe file '{path}' does not exist", None) from None
+        except (OSError, UnicodeDecodeError) as exc:
+            raise MergeError(f"recipe file '{path}' cannot be read: {exc}", None) from None
+        name = str(path)
+    else:
+        text = str(recipe)
+        name = "<recipe>"
+    return parse_recipe(text, name)
+
+
+def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
+    data, lines = load_with_positions(text, source_name)
+    if not isinstance(data, dict):
+        raise MergeError(
+            f"{source_name}: the recipe must be a mapping of keys, got {type(data).__name__}",
+            "start with 'merge_method: ties'",
+        )
+
+    def where(path: tuple[str | int, ...]) -> str:
+        line = line_of(lines, path)
+        return f"{source_name}:{line}" if line else source_name
+
+    try:
+        raw = _RecipeYaml.model_validate(data)
+    except ValidationError as exc:
+        raise MergeErrors([_describe(err, where, data) for err in exc.errors()]) from None
+
+    problems: list[MergeError] = []
+    if (raw.models is None) == (raw.slices is None):
+        problems.append(
+            MergeError(
+                f"{source_name}: the recipe needs exactly one of 'models:' or 'slices:'",
+                "list the models to merge under 'models:'",
+            )
+        )
+    for key in ("models", "slices"):
+        value = getattr(raw, key)
+        if value is not None and not value:
+            problems.append(MergeError(f"{where((key,))}: '{key}' is empty", None))
+    if raw.tokenizer is not None:
+        problems.append(
+            MergeError(
+                f"{where(('tokenizer',))}: 'tokenizer:' (vocabulary surgery) is not supported yet",
+                "use 'tokenizer_source: base' or a model name",
+            )
+        )
+    if raw.tokenizer_source == "union":
+        problems.append(
+            MergeError(
+                f"{where(('tokenizer_source',))}: tokenizer_source 'union' is not supported yet",
+                "use 'base' or a model name",
+            )
+        )
+
+    def ref(text: str, path: tuple[str | int, ...]) -> ModelRef | None:
+        try:
+            return ModelRef.parse(text)
+        except MergeError as exc:
+            problems.append(MergeError(f"{where(path)}: {exc.message}", exc.hint))
+            return None
+
+    base = ref(raw.base_model, ("base_model",)) if raw.base_model else None
+    models = None
+    if raw.models:
+        entries = []
+        for i, m in enumerate(raw.models):
+            r = ref(m.model, ("models", i, "model"))
+            if r is not None:
+                entries.append(ModelInput(r, dict(m.parameters or {}), None, where(("models", i))))
+        models = tuple(entries)
+    slices = None
+    if raw.slices:
+        specs = []
+        for si, s in enumerate(raw.slices):
+            sources = []
+            for j, src in enumerate(s.sources):
+                r = ref(src.model, ("slices", si, "sources", j, "model"))
+                if r is not None:
+                    sources.append(
+                        ModelInput(
+                            r,
+                            dict(src.parameters or {}),
+                            src.layer_range,
+                            where(("slices", si, "sources", j)),
+                        )
+                    )
+            if not s.sources:
+                problems.append(MergeError(f"{where(('slices', si))}: slice has no sources", None))
+            slice_base = ref(s.base_model, ("slices", si, "base_model")) if s.base_model else None
+            specs.append(
+                SliceSpec(
+                    tuple(sources), slice_base, dict(s.parameters or {}), where(("slices", si))
+                )
+            )
+        slices = tuple(specs)
+
+    problems.extend(_check_settings(raw, where))
+    if problems:
+        raise MergeErrors(problems)
+    return Recipe(
+        merge_method=raw.merge_method,
+        base_model=base,
+        models=models,
+        slices=slices,
+        parameters=dict(raw.parameters or {}),
+        dtype=raw.dtype,
+        out_dtype=raw.out_dtype,
+        tokenizer_source=raw.tokenizer_source,
+        chat_template=raw.chat_template,
+        text=text,
+        source_name=source_name,
+        lines=lines,
+    )
+
+
+def _describe(err: Any, where: Any, data: Any) -> MergeError:
+    loc = tuple(err["loc"])
+    dotted = ".".join(str(p) for p in loc) or "(top level)"
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        key = str(loc[-1])
+        parent = next((p for p in reversed(loc[:-1]) if isinstance(p, str)), "")
+        valid = list(_FIELDS_AT.get(parent, _RecipeYaml).model_fields)
+        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+        return MergeError(f"{where(loc)}: unknown key '{dotted}'", hint)
+    if kind == "missing":
+        return MergeError(f"{where(loc[:-1])}: missing required key '{dotted}'", None)
+    value = _lookup(data, loc)
+    shown = repr(value)
+    if len(shown) > 60:
+        shown = shown[:57] + "..."
+    return MergeError(f"{where(loc)}: '{dotted}' = {shown}: {err['msg']}", None)
+
+
+def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
+    for part in loc:
+        try:
+            data = data[part]
+        except (KeyError, IndexError, TypeError):
+            return None
+    return data
+
+
+def _check_settings(raw: _RecipeYaml, where: Any) -> list[MergeError]:
+    """Shape checks on parameter values; method-specific checks come with the plan."""
+    problems: list[MergeError] = []
+    blocks: list[tuple[tuple[str | int, ...], dict[str, Any] | None]] = [
+        (("parameters",), raw.parameters)
+    ]
+    for i, m in enumerate(raw.models or []):
+        blocks.append((("models", i, "parameters"), m.parameters))
+    for si, s in enumerate(raw.slices or []):
+        blocks.append((("slices", si, "parameters"), s.parameters))
+        for j, src in enumerate(s.sources):
+            blocks.append((("slices", si, "sources", j, "parameters"), src.parameters))
+    for path, block in blocks:
+        for name, value in (block or {}).items():
+            problem = setting_problem(value)
+            if problem:
+                problems.append(
+                    MergeError(
+                        f"{where((*path, name))}: parameter '{name}': {problem}",
+                        "use a number, a list of numbers (a gradient) or "
+                        "a list of {filter: NAME_PART, value: ...} entries",
+                    )
+                )
+    return problems
+
+
+def _is_scalar(value: Any) -> bool:
+    if isinstance(value, bool | str):
+        return True
+    if isinstance(value, int | float):
+        return math.isfinite(value)
+    return False
+
+
+def setting_problem(value: Any, nested: bool = False) -> str | None:
+    """Why a parameter setting is malformed, or None. `nested`: inside a filter entry."""
+    if _is_scalar(value):
+        return None
+    if isinstance(value, float):
+        return f"{value} is not a finite number"
+    if value is None:
+        return "no value given"
+    entries = [value] if isinstance(value, dict) else value
+    if isinstance(entries, list) and entries and all(isinstance(v, dict) for v in entries):
+        if nested:
+            return "filter entries cannot be nested"
+        for entry in entries:
+            problem = _filter_entry_problem(entry)
+            if problem:
+                return problem
+        return None
+    if isinstance(value, list):
+        if not value:
+            return "an empty list has no value"
+        if all(_is_scalar(v) and not isinstance(v, str) for v in value):
+            return None
+        return "a list must hold only numbers (a gradient) or only {filter, value} entries"
+    return f"{type(value).__name__} is not a valid value"
+
+
+def _filter_entry_problem(entry: dict[str, Any]) -> str | None:
+    extra = set(entry) - {"filter", "value"}
+    if extra:
+        return (
+            f"unknown key '{sorted(map(str, extra))[0]}' in a filter entry (allowed: filter, value)"
+        )
+    if "value" not in entry:
+        return "a filter entry needs a 'value'"
+    flt = entry.get("filter")
+    if flt is not None and not isinstance(flt, str):
+        return f"filter {flt!r} must be a string (a part of the tensor name)"
+    return setting_problem(entry["value"], nested=True)
+
+
+def resolve_setting(setting: Setting, tensor_name: str, t: float) -> Any:
+    """The value of one setting for a tensor at layer position t, or None if no filter matched.
+
+    Gradients interpolate linearly: with L items, s = t (L - 1) and the value lies between items
+    floor(s) and floor(s) + 1. Filters are plain substrings; the first match wins.
+    """
+    if isinstance(setting, dict):
+        setting = [setting]
+    if isinstance(setting, list):
+        if setting and all(isinstance(e, dict) for e in setting):
+            for entry in setting:
+                flt = entry.get("filter")
+                if flt is None or flt == "*" or flt in tensor_name:
+                    return resolve_setting(entry["value"], tensor_name, t)
+            return None
+        return _interpolate(setting, t)
+    return setting
+
+
+def _interpolate(values: list[Any], t: float) -> Any:
+    if any(isinstance(v, bool) for v in values):
+        return values[int(t * (len(values) - 1))]
+    scaled = t * (len(values) - 1)
+    low = math.floor(scaled)
+    high = min(len(values) - 1, low + 1)
+    frac = scaled - low
+    return (1 - frac) * values[low] + frac * values[high]
+
+
+def closest(word: str, choices: list[str]) -> str | None:
+    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
+    return found[0] if found else None

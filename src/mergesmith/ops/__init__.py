@@ -1,0 +1,1 @@
+"""Small pure tensor operations composed by the merge methods."""

@@ -1,0 +1,88 @@
+"""Sparsifiers: which entries of a task vector survive, and the optional L1 rescale.
+
+Each returns a new tensor; inputs are never modified. Random ones take a torch.Generator so the
+result depends only on the seed given, never on thread timing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from mergesmith.ops.select import rank_window_mask, stable_ranks, top_k_mask
+
+# Below this an L1 norm is treated as zero and rescaling is skipped (mergekit's tolerance).
+RESCALE_EPS = 1e-7
+
+
+def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
+    """Scale `kept` so its L1 norm equals that of `delta`."""
+    before = delta.abs().sum()
+    after = kept.abs().sum()
+    if before < RESCALE_EPS or after < RESCALE_EPS:
+        return kept
+    return kept * (before / after)
+
+
+def _finish(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
+    kept = torch.where(keep.reshape(delta.shape), delta, torch.zeros((), dtype=delta.dtype))
+    return rescale_l1(delta, kept) if rescale else kept
+
+
+def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
+    """TIES trim: keep exactly max(1, floor(d * n)) entries of largest |delta|."""
+    if density >= 1:
+        return delta
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta)
+    k = max(1, math.floor(density * delta.numel()))
+    return _finish(delta, top_k_mask(delta.abs().reshape(-1), k), rescale)
+
+
+def magnitude_outliers(
+    delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False
+) -> torch.Tensor:
+    """Breadcrumbs: drop the largest `gamma` fraction and the smallest entries, keep `density`."""
+    if density >= 1:
+        return delta
+    n = delta.numel()
+    target = math.floor(density * n)
+    n_top = math.floor(gamma * n)
+    n_bottom = max(0, n - target - n_top)
+    keep = rank_window_mask(delta.abs().reshape(-1), n_bottom, n_bottom + target)
+    return _finish(delta, keep, rescale)
+
+
+def random_keep(
+    delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = False
+) -> torch.Tensor:
+    """DARE: keep each entry independently with probability `density`."""
+    if density >= 1:
+        return delta
+    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
+    return _finish(delta, draws.to(delta.device) < density, rescale)
+
+
+def della_magprune(
+    delta: torch.Tensor,
+    density: float,
+    epsilon: float,
+    generator: torch.Generator,
+    rescale: bool = False,
+) -> torch.Tensor:
+    """DELLA: per row, keep probability rises linearly with |delta| rank from d-eps to d+eps."""
+    if density >= 1:
+        return delta
+    if density <= 0:
+        return torch.zeros_like(delta)
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    width = rows.shape[1]
+    if width > 1:
+        position = stable_ranks(rows.abs()).to(torch.float32) / (width - 1)
+        probability = (density - epsilon) + position * (2 * epsilon)
+    else:
+        # One entry has no rank spread; mergekit divides 0/0 here.
+        probability = torch.full(rows.shape, density, dtype=torch.float32)
+    draws = torch.rand(rows.shape, generator=generator, dtype=torch.float32)
+    return _finish(delta, (draws.to(delta.device) < probability).reshape(delta.shape), rescale)

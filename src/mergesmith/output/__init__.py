@@ -1,0 +1,1 @@
+"""Writing the merged model: tensors, index, config, tokenizer, model card; atomically."""

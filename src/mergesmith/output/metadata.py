@@ -1,0 +1,100 @@
+"""The files beside the weights: config.json, tokenizer, model card, the recipe itself."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from mergesmith.dtypes import CONFIG_NAME
+from mergesmith.plan import Plan
+from mergesmith.sources.base import ModelSource
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
+RECIPE_FILE = "mergesmith_config.yml"
+
+
+def output_dtype(plan: Plan) -> str | None:
+    counts = Counter(job.dtype for job in plan.jobs if not job.copy_only)
+    return counts.most_common(1)[0][0] if counts else None
+
+
+def write_config(plan: Plan, sources: dict[str, ModelSource], folder: Path) -> None:
+    source = sources.get(plan.config_model) if plan.config_model else None
+    config: dict[str, Any] | None = dict(source.config) if source and source.config else None
+    if config is None:
+        return
+    dtype = output_dtype(plan)
+    if dtype in CONFIG_NAME:
+        config["torch_dtype"] = CONFIG_NAME[dtype]
+        if "dtype" in config:
+            config["dtype"] = CONFIG_NAME[dtype]
+    if plan.num_layers is not None:
+        for key in ("num_hidden_layers", "n_layer", "num_layers"):
+            if key in config:
+                config[key] = plan.num_layers
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def copy_tokenizer(plan: Plan, sources: dict[str, ModelSource], folder: Path) -> list[str]:
+    source = sources.get(plan.tokenizer_model) if plan.tokenizer_model else None
+    copied = []
+    if source is not None:
+        for name in TOKENIZER_FILES:
+            path = source.folder / name
+            if path.is_file():
+                shutil.copyfile(path, folder / name)
+                copied.append(name)
+    template = plan.recipe.chat_template
+    if template:
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config["chat_template"] = template
+        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    return copied
+
+
+def write_card(plan: Plan, folder: Path) -> None:
+    recipe = plan.recipe
+    models = [ref.text for ref in recipe.referenced_models()]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- mergesmith",
+        "- merge",
+        "---",
+        "# Merged model",
+        "",
+        f"Made with [mergesmith](https://github.com/) using the `{plan.method.name}` method "
+        f"(seed {plan.seed}).",
+        "",
+        "## Models",
+        "",
+        *[
+            f"- {m}" + (" (base)" if recipe.base_model and m == recipe.base_model.text else "")
+            for m in models
+        ],
+        "",
+        "## Recipe",
+        "",
+        "```yaml",
+        recipe.text.rstrip(),
+        "```",
+        "",
+    ]
+    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
+    (folder / RECIPE_FILE).write_text(recipe.text, encoding="utf-8")

@@ -1,0 +1,84 @@
+"""Tensors written straight to their final offsets, in any order, from any thread."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from mergesmith.errors import MergeError
+from mergesmith.output.layout import OutputLayout
+
+if TYPE_CHECKING:
+    import torch
+
+
+class TensorWriter:
+    """Creates every shard at its full size up front (so a full disk fails before any work),
+    then places each finished tensor with pwrite: nothing is held back in memory."""
+
+    def __init__(self, folder: Path, layout: OutputLayout) -> None:
+        self.folder = folder
+        self.layout = layout
+        self._fds: list[int] = []
+        try:
+            for shard in layout.shards:
+                path = folder / shard.file_name
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                self._fds.append(fd)
+                _reserve(fd, shard.size, path)
+                _write_all(fd, shard.header, 0, path)
+        except BaseException:
+            self.close()
+            raise
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        place = self.layout.placements[name]
+        data = tensor.contiguous().reshape(-1).view(_byte_dtype()).numpy()
+        if data.nbytes != place.length:
+            raise RuntimeError(f"{name}: {data.nbytes} bytes computed, {place.length} planned")
+        path = self.folder / self.layout.shards[place.shard].file_name
+        _write_all(self._fds[place.shard], memoryview(data), place.offset, path)
+
+    def sync(self) -> None:
+        for fd in self._fds:
+            os.fsync(fd)
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            os.close(fd)
+
+
+def _byte_dtype():
+    import torch
+
+    return torch.uint8
+
+
+def _reserve(fd: int, size: int, path: Path) -> None:
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+            raise MergeError(
+                f"{path}: not enough disk space for {size / 1e9:.2f} GB",
+                "free space or choose an output folder on another disk",
+            ) from None
+        # Filesystems without fallocate: fall back to a sparse file of the right size.
+        os.ftruncate(fd, size)
+
+
+def _write_all(fd: int, data, offset: int, path: Path) -> None:
+    view = memoryview(data).cast("B")
+    try:
+        while view:
+            written = os.pwrite(fd, view, offset)
+            view = view[written:]
+            offset += written
+    except OSError as exc:
+        if exc.errno in (28, 122):
+            raise MergeError(
+                f"{path}: disk full while writing", "free space and run again with --resume"
+            ) from None
+        raise
