@@ -39,8 +39,15 @@ class _Strict(BaseModel):
 
 class _SourceYaml(_Strict):
     model: str
-    layer_range: tuple[int, int]
+    layer_range: list[int]
     parameters: dict[str, Any] | None = None
+
+    @field_validator("layer_range")
+    @classmethod
+    def _two_ends(cls, value: list[int]) -> list[int]:
+        if len(value) != 2:
+            raise ValueError("layer_range needs two numbers [first, end) like [0, 16]")
+        return value
 
 
 class _ModelYaml(_Strict):
@@ -259,7 +266,7 @@ def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
                         ModelInput(
                             r,
                             dict(src.parameters or {}),
-                            src.layer_range,
+                            (src.layer_range[0], src.layer_range[1]),
                             where(("slices", si, "sources", j)),
                         )
                     )

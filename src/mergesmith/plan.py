@@ -286,7 +286,8 @@ class _Planner:
                     )
                 layer_out += 1
             return layer_out
-        for name in ref_source.tensors:
+        # Sorted so that the output is the same whatever order the input files list tensors in.
+        for name in sorted(ref_source.tensors):
             if layer_of(name) is None and (is_input_side(name) == (part == "pre")):
                 self.plan_tensor(method, group, name, 0.0, base_entry, members, lambda e, n=name: n)
         return layer_out
@@ -297,7 +298,7 @@ class _Planner:
             hit = layer_of(name)
             if hit and hit[1] == index:
                 templates.append(hit[0])
-        return templates
+        return sorted(templates)
 
     def plan_tensor(
         self,

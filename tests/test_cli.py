@@ -1,0 +1,116 @@
+"""The command line, run as a real subprocess: messages, exit codes, listings."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tests.conftest import run_cli, write_recipe
+
+# SEMANTICS.md section 4 and 5: the methods and their per-model parameters.
+EXPECTED_METHODS = {
+    "task_arithmetic": {"weight"},
+    "ties": {"weight", "density"},
+    "dare_ties": {"weight", "density"},
+    "dare_linear": {"weight", "density"},
+    "breadcrumbs": {"weight", "density", "gamma"},
+    "breadcrumbs_ties": {"weight", "density", "gamma"},
+    "della": {"weight", "density", "epsilon"},
+    "della_linear": {"weight", "density", "epsilon"},
+    "linear": {"weight"},
+    "slerp": set(),
+    "passthrough": {"scale"},
+}
+
+
+def parse_methods(output: str) -> dict[str, dict[str, str]]:
+    methods: dict[str, dict[str, str]] = {}
+    current = None
+    for line in output.splitlines():
+        if not line.startswith(" "):
+            current = line.split(":")[0]
+            methods[current] = {}
+        elif current:
+            parts = line.split()
+            methods[current][parts[0]] = line
+    return methods
+
+
+def test_methods_lists_every_method_with_per_model_parameters_and_defaults() -> None:
+    result = run_cli("methods")
+    assert result.returncode == 0
+    listed = parse_methods(result.stdout)
+    assert set(listed) == set(EXPECTED_METHODS)
+    for name, per_model in EXPECTED_METHODS.items():
+        got = {p for p, line in listed[name].items() if "per model" in line}
+        assert got == per_model, name
+    assert "default true" in listed["ties"]["normalize"]
+    assert "default false" in listed["dare_ties"]["normalize"]
+    assert "default true" in listed["della"]["rescale"]
+    assert "default sum" in listed["breadcrumbs_ties"]["consensus_method"]
+    assert "default 0.15" in listed["della"]["epsilon"]
+    assert "default 0.01" in listed["breadcrumbs"]["gamma"]
+    assert "required" in listed["slerp"]["t"]
+
+
+def test_user_error_is_one_line_plus_hint_exit_2_without_traceback(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, "merge_method: ties\nmodels:\n  - model: a\nparamters: {}\n")
+    result = run_cli("run", recipe, tmp_path / "out")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error: ") and "recipe.yml:4" in lines[0] and "paramters" in lines[0]
+    assert lines[1].strip().startswith("hint: ")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback(tmp_path: Path) -> None:
+    recipe = write_recipe(tmp_path, "merge_method: nope\nmodels: [{model: a}]\n")
+    result = run_cli("validate", recipe, "--debug")
+    assert result.returncode == 2 and "Traceback" in result.stderr
+
+
+def test_validate_reports_the_plan_without_writing(family, tmp_path: Path) -> None:
+    base, tuned = family
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {tuned[0]}\n    parameters: {{weight: 3}}\n",
+    )
+    result = run_cli("validate", recipe, "--plan")
+    assert result.returncode == 0, result.stderr
+    assert "ok: linear, 39 tensors" in result.stdout
+    assert f"model.norm.weight [32] F32 <- {base}:model.norm.weight" in result.stdout
+
+
+def test_run_refuses_a_non_empty_output_unless_overwrite(family, tmp_path: Path) -> None:
+    base, tuned = family
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\n"
+        f"  - model: {tuned[0]}\n    parameters: {{weight: 1}}\n",
+    )
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    refused = run_cli("run", recipe, out)
+    assert (
+        refused.returncode == 2
+        and "not empty" in refused.stderr
+        and "--overwrite" in refused.stderr
+    )
+    assert (out / "keep.txt").exists()
+    done = run_cli("run", recipe, out, "--overwrite")
+    assert done.returncode == 0, done.stderr
+    assert (out / "model.safetensors").exists() and not (out / "keep.txt").exists()
+    assert "merged 39 tensors" in done.stdout
+
+
+def test_output_inside_an_input_model_is_refused(family, tmp_path: Path) -> None:
+    base, tuned = family
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\n",
+    )
+    result = run_cli("run", recipe, base / "merged")
+    assert result.returncode == 2 and "overlaps input model" in result.stderr
+    assert not (base / "merged").exists()
