@@ -150,6 +150,30 @@ def read_all(paths: Sequence[Path]) -> tuple[int, float]:
     return total, time.perf_counter() - start
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds spent by the whole machine (all cores, all processes) since boot."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    # user nice system idle iowait irq softirq steal: everything but idle and iowait.
+    busy = sum(fields[:8]) - fields[3] - fields[4]
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
+def wait_for_quiet(max_wait_s: float, threshold: float = 0.25, window_s: float = 2.0) -> float:
+    """Wait until other processes use < threshold cores; return the load seen last.
+
+    Two cores shared with a test suite or a training job make every figure meaningless, so
+    give them a chance to finish, and report the load either way.
+    """
+    deadline = time.monotonic() + max_wait_s
+    while True:
+        before = busy_cpu_s()
+        time.sleep(window_s)
+        load = (busy_cpu_s() - before) / window_s
+        if load < threshold or time.monotonic() >= deadline:
+            return load
+
+
 def page_cache_floor(paths: Sequence[Path], repeat: int = 3) -> dict[str, float]:
     read_all(paths)
     times = []
@@ -219,7 +243,7 @@ def machine_info(tools: Sequence[Tool]) -> dict[str, object]:
                 mem_kb = int(line.split()[1])
     code = "import torch; print(torch.__version__, torch.get_num_threads())"
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    torch_version, torch_threads = (r.stdout.split() + ["?", "?"])[:2]
+    torch_version, torch_threads = [*r.stdout.split(), "?", "?"][:2]
     info: dict[str, object] = {
         "cpu": cpu,
         "cores": os.cpu_count(),
@@ -249,7 +273,11 @@ class Bench:
         self.stamp = dt.datetime.now().strftime("%Y%m%d-%H%M%S")
         self.logs = results_dir / "raw" / f"logs-{self.stamp}"
         self.logs.mkdir(parents=True, exist_ok=True)
-        self.env = {**os.environ, **CHILD_ENV}
+        # Measure the steady state a user sees, with bytecode cached. This sandbox sets
+        # PYTHONDONTWRITEBYTECODE, which would make every run recompile mergesmith (an
+        # editable install has no .pyc); the prefix keeps the cache inside bench/work.
+        env = {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+        self.env = env | CHILD_ENV | {"PYTHONPYCACHEPREFIX": str(args.work / "pycache")}
         self.data: dict[str, object] = {
             "started": dt.datetime.now().isoformat(timespec="seconds"),
             "settings": {},
@@ -268,6 +296,8 @@ class Bench:
 
     def startup(self, repeat: int) -> None:
         for tool in self.tools:
+            # The first call fills the bytecode cache; it is not what start-up costs.
+            measure.run([str(tool.exe), "--help"], env=self.env, timeout_s=600)
             ms = [
                 measure.run([str(tool.exe), "--help"], env=self.env, timeout_s=120)
                 for _ in range(repeat)
@@ -278,10 +308,8 @@ class Bench:
                 "median_wall_s": statistics.median(m.wall_s for m in ms),
                 "peak_rss_bytes": max(m.peak_rss_bytes for m in ms),
             }
-            print(
-                f"[bench] {tool.name} --help: median {statistics.median(m.wall_s for m in ms):.2f} s",
-                flush=True,
-            )
+            median = statistics.median(m.wall_s for m in ms)
+            print(f"[bench] {tool.name} --help: median {median:.2f} s", flush=True)
 
     def run_case(self, case: Case, tools: Sequence[Tool], repeat: int, group: str) -> None:
         out_root = self.args.work / "out" / case.name
@@ -298,11 +326,14 @@ class Bench:
                 # then pull every input into page cache: both tools start from the same state.
                 os.sync()
                 read_all(inputs)
+                load_before = wait_for_quiet(self.args.max_wait_idle)
                 log = self.logs / f"{case.name}-{tool.name}-{rep}.log"
                 print(f"[bench] {case.name}: {tool.name} (rep {rep + 1}/{repeat}) ...", flush=True)
+                busy0 = busy_cpu_s()
                 m = measure.run(
                     tool.argv(case, out), log=log, env=self.env, timeout_s=self.args.timeout
                 )
+                other_cores = max(0.0, (busy_cpu_s() - busy0 - m.cpu_s) / m.wall_s)
                 t0 = time.perf_counter()
                 os.sync()
                 sync_after = time.perf_counter() - t0
@@ -310,9 +341,15 @@ class Bench:
                 print(
                     f"[bench]   {status}: wall {m.wall_s:.1f} s, cpu {m.cpu_s:.1f} s, "
                     f"peak RSS {m.peak_rss_bytes / GIB:.2f} GiB, "
-                    f"anon {m.peak_anon_bytes / GIB:.2f} GiB",
+                    f"anon {m.peak_anon_bytes / GIB:.2f} GiB, "
+                    f"other load {other_cores:.2f} cores",
                     flush=True,
                 )
+                if other_cores > 0.25:
+                    self.note(
+                        f"{case.name}/{tool.name} rep {rep + 1}: other processes used "
+                        f"{other_cores:.2f} cores during the run; its timing is suspect"
+                    )
                 if not m.ok:
                     print(f"[bench]   see {log}", flush=True)
                 run = {
@@ -326,6 +363,8 @@ class Bench:
                     "rep": rep,
                     "log": str(log),
                     "sync_after_s": sync_after,
+                    "other_load_before_cores": load_before,
+                    "other_load_cores": other_cores,
                     **asdict(m),
                     "cpu_s": m.cpu_s,
                     "ok": m.ok,
@@ -379,6 +418,8 @@ def summarize(runs: list[dict], group: str) -> dict[tuple[str, str], dict[str, f
             "cpu_s": _median(good, "cpu_s"),
             "peak_rss_bytes": _median(good, "peak_rss_bytes"),
             "peak_anon_bytes": _median(good, "peak_anon_bytes"),
+            "sync_after_s": _median(good, "sync_after_s"),
+            "other_load_cores": max(float(r["other_load_cores"]) for r in good),
             "n": float(len(good)),
         }
     return out
@@ -388,23 +429,30 @@ def _ratio(a: float | None, b: float | None) -> str:
     return f"{a / b:.2f}x" if a and b else "–"
 
 
+ROW_HEADER = ["wall s", "CPU s", "CPU/wall", "peak RSS GiB", "anon GiB", "sync after s"]
+ROW_HEADER += ["other load (cores)", "n"]
+
+
 def _fmt_row(s: dict[str, float] | None) -> list[str]:
     if s is None:
-        return ["not run"] + [""] * 4
+        return ["not run"] + [""] * (len(ROW_HEADER) - 1)
     if "failed" in s:
-        return ["FAILED"] + [""] * 4
+        return ["FAILED"] + [""] * (len(ROW_HEADER) - 1)
     return [
         f"{s['wall_s']:.1f}",
         f"{s['cpu_s']:.1f}",
         f"{s['cpu_s'] / s['wall_s']:.2f}",
         f"{s['peak_rss_bytes'] / GIB:.2f}",
         f"{s['peak_anon_bytes'] / GIB:.2f}",
+        f"{s['sync_after_s']:.2f}",
+        f"{s['other_load_cores']:.2f}",
+        f"{s['n']:.0f}",
     ]
 
 
 def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+    return [*lines, *("| " + " | ".join(r) + " |" for r in rows), ""]
 
 
 def render(data: dict) -> str:
@@ -414,8 +462,9 @@ def render(data: dict) -> str:
         "",
         f"Run {data['started']} (last update {data.get('finished', '?')}).",
         "",
-        f"Machine: {m.get('cpu')}, {m.get('cores_usable')} cores usable, {m.get('ram_gib')} GiB RAM,"
-        f" Linux {m.get('kernel')}, Python {m.get('python')}, torch {m.get('torch')}"
+        f"Machine: {m.get('cpu')}, {m.get('cores_usable')} cores usable,"
+        f" {m.get('ram_gib')} GiB RAM, Linux {m.get('kernel')}, Python {m.get('python')},"
+        f" torch {m.get('torch')}"
         f" ({m.get('torch_default_threads')} threads by default).",
         f"Tools: mergesmith {m.get('mergesmith_version', '–')}"
         f" (`{st.get('mergesmith_cmd', '–')}`), mergekit {m.get('mergekit_version', '–')}"
@@ -434,16 +483,18 @@ def render(data: dict) -> str:
         "(wait4), peak RSS = ru_maxrss of the child (counts mmapped file pages), anon = peak "
         "RssAnon summed over the process tree, sampled every 20 ms (memory that cannot be "
         "reclaimed). Before every run the previous output is deleted, `sync` is called and "
-        "all input files are read once so they sit in page cache for both tools. Output "
-        "writeback is not timed. Figures are medians of "
-        f"{st.get('repeat', 1)} run(s).",
+        "all input files are read once so they sit in page cache for both tools. Writeback "
+        "of the output is outside the timing unless the tool fsyncs: `sync after` is how "
+        "long a `sync` right after the run took. `other load` is the most CPU (in cores) that "
+        "other processes on the machine used during any of the runs: above ~0.2 the timings "
+        "are suspect. Figures are medians of n runs.",
         "",
     ]
     runs = data["runs"]
     cmp_rows = summarize(runs, "methods")
     if cmp_rows:
         lines += ["## mergesmith vs mergekit", ""]
-        header = ["case", "tool", "wall s", "CPU s", "CPU/wall", "peak RSS GiB", "anon GiB"]
+        header = ["case", "tool", *ROW_HEADER]
         rows: list[list[str]] = []
         for case in dict.fromkeys(r["case"] for r in runs if r["group"] == "methods"):
             ms, mk = cmp_rows.get((case, "mergesmith")), cmp_rows.get((case, "mergekit"))
@@ -459,9 +510,12 @@ def render(data: dict) -> str:
                         "",
                         f"**{_ratio(mk['peak_rss_bytes'], ms['peak_rss_bytes'])}**",
                         _ratio(mk["peak_anon_bytes"], ms["peak_anon_bytes"]),
+                        "",
+                        "",
+                        "",
                     ]
                 )
-        lines += _table(header, rows) + [""]
+        lines += _table(header, rows)
     floor = data["floor"]
     if floor:
         lines += ["## Floors", ""]
@@ -475,7 +529,7 @@ def render(data: dict) -> str:
             for case, f in floor.items()
         ]
         lines += ["Reading every input once from page cache (plain read(), best of 3):", ""]
-        lines += _table(["case", "input GB", "read s", "GB/s"], rows) + [""]
+        lines += _table(["case", "input GB", "read s", "GB/s"], rows)
     if data["startup"]:
         rows = [
             [
@@ -486,12 +540,12 @@ def render(data: dict) -> str:
             for name, s in data["startup"].items()
         ]
         lines += ["Start-up (median of runs):", ""]
-        lines += _table(["command", "wall s", "peak RSS GiB"], rows) + [""]
+        lines += _table(["command", "wall s", "peak RSS GiB"], rows)
     scale = summarize(runs, "scaling")
     if scale:
         lines += ["## Scaling (TIES)", ""]
         header = ["models", "size", "params/model", "tool", "input GB", "read floor s"]
-        header += ["wall s", "CPU s", "CPU/wall", "peak RSS GiB", "anon GiB"]
+        header += ROW_HEADER
         rows = []
         seen = dict.fromkeys((r["case"], r["tool"]) for r in runs if r["group"] == "scaling")
         for case, tool in seen:
@@ -508,7 +562,7 @@ def render(data: dict) -> str:
                     *_fmt_row(scale[case, tool]),
                 ]
             )
-        lines += _table(header, rows) + [""]
+        lines += _table(header, rows)
     if data["comparisons"]:
         lines += ["## Output agreement (mergesmith vs mergekit)", ""]
         rows = []
@@ -528,7 +582,7 @@ def render(data: dict) -> str:
             )
         header = ["case", "tensors", "missing/mismatched", "max abs diff", "max diff (bf16 ulps)"]
         header += ["mean abs diff", "elements differing"]
-        lines += _table(header, rows) + [""]
+        lines += _table(header, rows)
         lines += [
             "ulps are relative to the bf16 spacing at the larger of the two values: "
             "≤ 1 is rounding. dare_ties draws random masks, so it only agrees if both tools "
@@ -563,9 +617,15 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--mergekit-args", default="", help="extra mergekit-yaml arguments")
     ap.add_argument("--mergesmith", help="mergesmith executable (default: beside this python)")
     ap.add_argument("--mergesmith-args", default="", help='extra "mergesmith run" arguments')
-    ap.add_argument("--repeat", type=int, default=1, help="runs per tool and case (median)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per tool and case (median)")
     ap.add_argument("--startup-repeat", type=int, default=5)
     ap.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
+    ap.add_argument(
+        "--max-wait-idle",
+        type=float,
+        default=300.0,
+        help="seconds to wait for other processes to go quiet before each run",
+    )
     ap.add_argument("--no-compare", dest="compare", action="store_false")
     ap.add_argument("--work", type=Path, default=BENCH / "work")
     ap.add_argument("--results", type=Path, default=BENCH / "results")

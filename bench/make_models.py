@@ -129,7 +129,11 @@ def write_tokenizer(model_dir: Path, vocab: int) -> None:
         "pre_tokenizer": {"type": "WhitespaceSplit"},
         "post_processor": None,
         "decoder": None,
-        "model": {"type": "WordLevel", "vocab": {t: i for i, t in enumerate(tokens)}, "unk_token": "<unk>"},
+        "model": {
+            "type": "WordLevel",
+            "vocab": {t: i for i, t in enumerate(tokens)},
+            "unk_token": "<unk>",
+        },
     }
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",

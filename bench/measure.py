@@ -40,6 +40,10 @@ class Measurement:
     peak_anon_bytes: int
     peak_tree_rss_bytes: int
     parent_maxrss_bytes: int
+    # Major faults and block reads stay near zero when the inputs really were in page cache.
+    major_faults: int
+    in_blocks: int
+    out_blocks: int
     timed_out: bool
 
     @property
@@ -154,5 +158,8 @@ def run(
         peak_anon_bytes=sampler.peak_anon_kb * 1024,
         peak_tree_rss_bytes=sampler.peak_total_kb * 1024,
         parent_maxrss_bytes=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        major_faults=ru.ru_majflt,
+        in_blocks=ru.ru_inblock,
+        out_blocks=ru.ru_oublock,
         timed_out=timed_out.is_set(),
     )

@@ -106,7 +106,7 @@ def test_run_refuses_a_non_empty_output_unless_overwrite(family, tmp_path: Path)
 
 
 def test_output_inside_an_input_model_is_refused(family, tmp_path: Path) -> None:
-    base, tuned = family
+    base, _ = family
     recipe = write_recipe(
         tmp_path,
         f"merge_method: linear\nmodels:\n  - model: {base}\n    parameters: {{weight: 1}}\n",

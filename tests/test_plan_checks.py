@@ -131,7 +131,10 @@ def test_della_epsilon_too_large_for_density_is_an_error(family) -> None:
 
 def test_slice_layer_range_past_the_model_is_an_error(family) -> None:
     base, _ = family
-    recipe = f"merge_method: passthrough\nslices:\n  - sources:\n      - model: {base}\n        layer_range: [2, 6]\n"
+    recipe = (
+        "merge_method: passthrough\nslices:\n  - sources:\n"
+        f"      - model: {base}\n        layer_range: [2, 6]\n"
+    )
     with pytest.raises(MergeError) as info:
         prepare(recipe)
     text = all_messages(info.value)

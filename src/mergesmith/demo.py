@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     root = args.dir.absolute()
     shutil.rmtree(root, ignore_errors=True)
     shape = ToyShape(hidden=64, layers=6, intermediate=128, vocab=256, heads=4, kv_heads=2)
-    base, tuned = make_family(root / "models", 3, shape, dtype=torch.float32)
+    _, tuned = make_family(root / "models", 3, shape, dtype=torch.float32)
     print(f"1. built a base model and 3 fine-tunes (Llama-shaped, {shape.layers} layers, float32)")
     print(f"   in {root / 'models'}")
 
