@@ -7,6 +7,8 @@ byte budget bounds how much working memory the jobs in flight may hold together.
 
 from __future__ import annotations
 
+import ctypes
+import sys
 import threading
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
@@ -27,6 +29,20 @@ class EngineOptions:
     max_memory: int | None = None  # bytes of working memory for jobs in flight
     device: str = "cpu"
     allow_nonfinite: bool = False
+
+
+def _return_freed_buffers_to_the_os() -> None:
+    """glibc raises its mmap threshold after each large free, after which freed tensor buffers
+    stay on the heap and peak memory creeps up with every job. A fixed threshold keeps large
+    buffers in their own mappings, returned to the system as soon as a job frees them."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return  # not glibc (musl, say): nothing to tune
+    m_mmap_threshold = -3
+    libc.mallopt(m_mmap_threshold, 1 << 20)
 
 
 class _Budget:
@@ -59,6 +75,7 @@ def run_jobs(
 ) -> None:
     """Run `jobs` (default: all of the plan's); `write` is called from worker threads."""
     todo = plan.jobs if jobs is None else jobs
+    _return_freed_buffers_to_the_os()
     device = torch.device(options.device)
     previous_threads = torch.get_num_threads()
     # Intra-op threads change reduction order and so the last bits of sums; one per job keeps
@@ -102,7 +119,12 @@ def _run_one(
     device: torch.device,
     options: EngineOptions,
 ) -> None:
-    write(job, compute(method, job, sources, device, options.allow_nonfinite))
+    try:
+        write(job, compute(method, job, sources, device, options.allow_nonfinite))
+    finally:
+        for inp in (job.base, *job.inputs):
+            if inp is not None:
+                sources[inp.model].release(inp.name)
 
 
 def compute(

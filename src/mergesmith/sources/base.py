@@ -57,5 +57,8 @@ class ModelSource:
     def read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def release(self, name: str) -> None:
+        """Tell the source a tensor's job is done, so mapped pages stop counting as ours."""
+
     def close(self) -> None:
         """Release mapped files; reading again re-opens them."""

@@ -131,6 +131,19 @@ class SafetensorsSource(ModelSource):
             meta.shape
         )
 
+    def release(self, name: str) -> None:
+        path, offset, length = self._entries[name]
+        mapped = self._maps.get(path)
+        if mapped is None or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        # Only whole pages inside this tensor. The mapping is private and never written, so
+        # dropped pages are re-read from the file if anyone touches them again.
+        start = -(-offset // mmap.PAGESIZE) * mmap.PAGESIZE
+        end = (offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if end > start:
+            with contextlib.suppress(OSError, ValueError):
+                mapped.madvise(mmap.MADV_DONTNEED, start, end - start)
+
     def close(self) -> None:
         with self._lock:
             maps, self._maps = self._maps, {}
