@@ -160,8 +160,8 @@ def _run(row: FamilyRow):
 
 def _della_bounds(model_params: dict) -> str | None:
     d, eps = model_params.get("density", 1.0), model_params.get("epsilon", 0.15)
-    if d >= 1 or d <= 0:
-        return None  # no pruning happens, so epsilon plays no part
+    if d >= 1:
+        return None  # nothing is pruned, so epsilon plays no part
     if d - eps <= 0 or d + eps >= 1:
         return (
             f"density {d} +/- epsilon {eps} must stay inside (0, 1); "
