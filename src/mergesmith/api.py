@@ -65,17 +65,20 @@ def merge(
     device: str = "cpu",
     overwrite: bool = False,
     allow_nonfinite: bool = False,
+    resume: bool = False,
     progress: Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Merge the models a mergekit-style recipe names into a Hugging Face folder at `out_dir`.
 
-    `recipe` is a YAML file path, YAML text, or a parsed dict. Nothing appears at `out_dir` until
-    every tensor is written and checked.
+    `recipe` is a YAML file path, YAML text, or a parsed dict. Work happens in a hidden
+    `.NAME.partial` folder beside `out_dir`, renamed into place only when every tensor has been
+    written and read back intact. After an interruption that folder stays, and `resume=True`
+    reuses its finished tensors; the result is byte-identical to an uninterrupted run.
     """
     from mergesmith.engine import EngineOptions, run_jobs
-    from mergesmith.output import finish, metadata
+    from mergesmith.output import finish, journal, metadata
     from mergesmith.output.layout import plan_layout
-    from mergesmith.output.writer import TensorWriter
+    from mergesmith.output.writer import NO_SPACE, TensorWriter
 
     started = time.perf_counter()
     out = Path(out_dir).expanduser().absolute()
@@ -84,22 +87,36 @@ def merge(
     device = _resolve_device(device)
     finish.check_output_target(out, overwrite)
     plan, sources = prepare(recipe, seed)
-    _refuse_input_as_output(out, sources)
+    check_output(out, sources, overwrite)
     for warning in plan.warnings:
         log.warning(warning)
-
-    staging = finish.staging_folder(out)
-    if staging.exists():
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True)
     layout = plan_layout(plan.jobs, shard_bytes)
+    staging = finish.staging_folder(out)
+    stamp = journal.fingerprint(plan, layout, sources)
+    reused: set[str] = set()
+    resuming = resume and staging.is_dir()
+    if resuming:
+        reused = journal.reusable_tensors(staging, stamp, layout)
+        log.warning(
+            "resuming: %d of %d tensors already done and intact", len(reused), len(plan.jobs)
+        )
+    elif staging.exists():
+        log.warning("discarding the partial merge in %s (use --resume to continue it)", staging)
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True, exist_ok=True)
+    progress_log = journal.Journal(staging, stamp)
     try:
-        writer = TensorWriter(staging, layout)
+        if resuming:
+            progress_log.reopen()
+        else:
+            progress_log.start()
+        writer = TensorWriter(staging, layout, keep_existing=resuming)
         try:
-            done = 0
+            todo = [job for job in plan.jobs if job.name not in reused]
+            done = len(plan.jobs) - len(todo)
 
             def write(job, tensor) -> None:
-                writer.write(job.name, tensor)
+                progress_log.record(job.name, writer.write(job.name, tensor))
 
             def on_done(job) -> None:
                 nonlocal done
@@ -113,9 +130,10 @@ def merge(
                 device=device,
                 allow_nonfinite=allow_nonfinite,
             )
-            run_jobs(plan, sources, write, options, on_done=on_done)
+            run_jobs(plan, sources, write, options, jobs=todo, on_done=on_done)
         finally:
             writer.close()
+            progress_log.close()
         index = layout.index_json()
         if index is not None:
             (staging / "model.safetensors.index.json").write_text(index, encoding="utf-8")
@@ -123,9 +141,22 @@ def merge(
         metadata.copy_tokenizer(plan, sources, staging)
         metadata.write_card(plan, staging)
         finish.verify(staging, layout)
+        intact = journal.reusable_tensors(staging, stamp, layout)
+        if len(intact) != len(plan.jobs):
+            missing = sorted({job.name for job in plan.jobs} - intact)
+            raise MergeError(
+                f"{staging}: {len(missing)} tensor(s) did not read back as written, e.g. "
+                f"'{missing[0]}'",
+                "the disk may be failing; run again with --resume",
+            )
+        progress_log.remove()
         finish.publish(staging, out, overwrite)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+    except OSError as exc:
+        if exc.errno in NO_SPACE:
+            raise MergeError(
+                f"{staging}: {os.strerror(exc.errno)} while writing the output",
+                "free disk space, then run again with --resume",
+            ) from None
         raise
     finally:
         for source in sources.values():
@@ -155,7 +186,12 @@ def _resolve_device(device: str) -> str:
     return device
 
 
-def _refuse_input_as_output(out: Path, sources: dict[str, ModelSource]) -> None:
+def check_output(out_dir: str | Path, sources: dict[str, ModelSource], overwrite: bool) -> None:
+    """The output folder must be new (or replaceable) and must not overlap any input model."""
+    from mergesmith.output.finish import check_output_target
+
+    out = Path(out_dir).expanduser().absolute()
+    check_output_target(out, overwrite)
     for ref, source in sources.items():
         folder = source.folder.absolute()
         if out == folder or out in folder.parents or folder in out.parents:

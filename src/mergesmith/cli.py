@@ -49,8 +49,13 @@ def _guarded(debug: bool, work: Callable[[], Any]) -> Any:
     try:
         return work()
     except KeyboardInterrupt as exc:
-        click.echo(f"interrupted ({exc or 'SIGINT'}): nothing was published", err=True)
-        sys.exit(130)
+        name = str(exc) or "SIGINT"
+        click.echo(
+            f"interrupted by {name}: nothing was published; run the same command with --resume "
+            "to continue",
+            err=True,
+        )
+        sys.exit(128 + signal.Signals[name].value)
     except SystemExit:
         raise
     except Exception as exc:
@@ -79,6 +84,7 @@ seed_option = click.option(
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN or Inf.")
+@click.option("--resume", is_flag=True, help="Continue an interrupted merge into OUT_DIR.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 @debug_option
 def run(
@@ -91,6 +97,7 @@ def run(
     device: str,
     overwrite: bool,
     allow_nonfinite: bool,
+    resume: bool,
     quiet: bool,
     debug: bool,
 ) -> None:
@@ -110,6 +117,7 @@ def run(
             device=device,
             overwrite=overwrite,
             allow_nonfinite=allow_nonfinite,
+            resume=resume,
         )
         if not quiet:
             click.echo(
@@ -124,15 +132,18 @@ def run(
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @seed_option
 @click.option("--plan", "show_plan", is_flag=True, help="List every output tensor's job.")
+@click.option("--out", "out_dir", default=None, help="Also check this output folder.")
 @debug_option
-def validate(recipe: str, seed: int, show_plan: bool, debug: bool) -> None:
+def validate(recipe: str, seed: int, show_plan: bool, out_dir: str | None, debug: bool) -> None:
     """Check RECIPE and the models' headers without reading any weights."""
     _setup_logging(False)
 
     def work() -> None:
-        from mergesmith.api import prepare
+        from mergesmith.api import check_output, prepare
 
-        plan, _ = prepare(recipe, seed)
+        plan, sources = prepare(recipe, seed)
+        if out_dir is not None:
+            check_output(out_dir, sources, overwrite=False)
         for warning in plan.warnings:
             click.echo(f"warning: {warning}", err=True)
         if show_plan:

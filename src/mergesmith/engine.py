@@ -91,9 +91,10 @@ def run_jobs(
         elif on_done is not None:
             on_done(job)
 
+    pool = ThreadPoolExecutor(max_workers=max(1, options.threads))
+    futures: list[Future] = []
     try:
-        with ThreadPoolExecutor(max_workers=max(1, options.threads)) as pool:
-            futures: list[Future] = []
+        try:
             for job in todo:
                 if failed.is_set():
                     break
@@ -102,6 +103,11 @@ def run_jobs(
                 future.add_done_callback(lambda f, j=job: finished(f, j))
                 futures.append(future)
             wait(futures)
+        except BaseException:
+            # Ctrl-C or SIGTERM: drop queued jobs, let running ones end, and leave.
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown(wait=True)
         # The first failure in plan order, so the same bad input gives the same message.
         for future in futures:
             error = future.exception()

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -12,19 +14,24 @@ from mergesmith.output.layout import OutputLayout
 if TYPE_CHECKING:
     import torch
 
+# Out of space, out of quota, or over the file size limit: all mean "this output does not fit".
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
 
 class TensorWriter:
     """Creates every shard at its full size up front (so a full disk fails before any work),
     then places each finished tensor with pwrite: nothing is held back in memory."""
 
-    def __init__(self, folder: Path, layout: OutputLayout) -> None:
+    def __init__(self, folder: Path, layout: OutputLayout, keep_existing: bool = False) -> None:
+        """`keep_existing`: reopen shards of an interrupted attempt without clearing them."""
         self.folder = folder
         self.layout = layout
         self._fds: list[int] = []
         try:
             for shard in layout.shards:
                 path = folder / shard.file_name
-                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+                flags = os.O_RDWR | os.O_CREAT | (0 if keep_existing else os.O_TRUNC)
+                fd = os.open(path, flags, 0o644)
                 self._fds.append(fd)
                 _reserve(fd, shard.size, path)
                 _write_all(fd, shard.header, 0, path)
@@ -32,13 +39,15 @@ class TensorWriter:
             self.close()
             raise
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
+    def write(self, name: str, tensor: torch.Tensor) -> int:
+        """Place one tensor; returns the CRC-32 of its bytes for the progress journal."""
         place = self.layout.placements[name]
-        data = tensor.contiguous().reshape(-1).view(_byte_dtype()).numpy()
+        data = memoryview(tensor.contiguous().reshape(-1).view(_byte_dtype()).numpy())
         if data.nbytes != place.length:
             raise RuntimeError(f"{name}: {data.nbytes} bytes computed, {place.length} planned")
         path = self.folder / self.layout.shards[place.shard].file_name
-        _write_all(self._fds[place.shard], memoryview(data), place.offset, path)
+        _write_all(self._fds[place.shard], data, place.offset, path)
+        return zlib.crc32(data)
 
     def sync(self) -> None:
         for fd in self._fds:
@@ -60,10 +69,10 @@ def _reserve(fd: int, size: int, path: Path) -> None:
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as exc:
-        if exc.errno in (28, 122):  # ENOSPC, EDQUOT
+        if exc.errno in NO_SPACE:
             raise MergeError(
-                f"{path}: not enough disk space for {size / 1e9:.2f} GB",
-                "free space or choose an output folder on another disk",
+                f"{path}: no room for this {size / 1e6:.1f} MB shard ({os.strerror(exc.errno)})",
+                "free disk space or choose an output folder on another disk",
             ) from None
         # Filesystems without fallocate: fall back to a sparse file of the right size.
         os.ftruncate(fd, size)
@@ -77,8 +86,9 @@ def _write_all(fd: int, data, offset: int, path: Path) -> None:
             view = view[written:]
             offset += written
     except OSError as exc:
-        if exc.errno in (28, 122):
+        if exc.errno in NO_SPACE:
             raise MergeError(
-                f"{path}: disk full while writing", "free space and run again with --resume"
+                f"{path}: {os.strerror(exc.errno)} while writing",
+                "free disk space, then run again with --resume",
             ) from None
         raise
