@@ -369,7 +369,8 @@ def setting_problem(value: Any, nested: bool = False) -> str | None:
     if isinstance(value, float):
         return f"{value} is not a finite number"
     if value is None:
-        return "no value given"
+        # null is meaningful for some parameters (consensus_method: null); the plan decides.
+        return None if not nested else "no value given"
     entries = [value] if isinstance(value, dict) else value
     if isinstance(entries, list) and entries and all(isinstance(v, dict) for v in entries):
         if nested:
