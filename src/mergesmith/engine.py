@@ -10,7 +10,7 @@ from __future__ import annotations
 import ctypes
 import sys
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 
@@ -18,7 +18,7 @@ import torch
 
 from mergesmith.dtypes import to_torch
 from mergesmith.errors import MergeError
-from mergesmith.methods.registry import MergeMethod, MethodInputs
+from mergesmith.methods.registry import MergeMethod, MethodInputs, NonFiniteInput
 from mergesmith.plan import Plan, TensorInput, TensorJob
 from mergesmith.sources.base import ModelSource
 
@@ -31,18 +31,34 @@ class EngineOptions:
     allow_nonfinite: bool = False
 
 
+def _glibc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        return ctypes.CDLL("libc.so.6")
+    except OSError:
+        return None  # not glibc (musl, say): nothing to tune
+
+
+_LIBC = _glibc()
+# A job that touched this much memory hands its freed heap back when it ends.
+TRIM_AFTER_BYTES = 64 << 20
+
+
 def _return_freed_buffers_to_the_os() -> None:
     """glibc raises its mmap threshold after each large free, after which freed tensor buffers
     stay on the heap and peak memory creeps up with every job. A fixed threshold keeps large
     buffers in their own mappings, returned to the system as soon as a job frees them."""
-    if not sys.platform.startswith("linux"):
-        return
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-    except OSError:
-        return  # not glibc (musl, say): nothing to tune
-    m_mmap_threshold = -3
-    libc.mallopt(m_mmap_threshold, 1 << 20)
+    if _LIBC is not None:
+        m_mmap_threshold = -3
+        # Above the 1 MB block temporaries (reused from the heap), below whole tensors.
+        _LIBC.mallopt(m_mmap_threshold, 16 << 20)
+
+
+def _trim_heap() -> None:
+    """Give free heap pages of every thread's arena back to the system."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
 
 
 class _Budget:
@@ -53,11 +69,18 @@ class _Budget:
         self.used = 0
         self.cond = threading.Condition()
 
-    def acquire(self, amount: int) -> None:
+    def fits(self, amount: int) -> bool:
+        return self.limit is None or not self.used or self.used + amount <= self.limit
+
+    def take_first_fitting(self, jobs: list[TensorJob]) -> TensorJob:
+        """Wait until some job fits, then reserve its memory and return it (removed from jobs)."""
         with self.cond:
-            while self.limit is not None and self.used and self.used + amount > self.limit:
+            while True:
+                for i, job in enumerate(jobs):
+                    if self.fits(job.work_bytes):
+                        self.used += job.work_bytes
+                        return jobs.pop(i)
                 self.cond.wait()
-            self.used += amount
 
     def release(self, amount: int) -> None:
         with self.cond:
@@ -81,7 +104,7 @@ def run_jobs(
     # Intra-op threads change reduction order and so the last bits of sums; one per job keeps
     # the output identical whatever --threads is, and jobs run in parallel instead.
     torch.set_num_threads(1)
-    budget = _Budget(options.max_memory)
+    budget = _Budget(options.max_memory or default_memory_budget(todo))
     failed = threading.Event()
 
     def finished(future: Future, job: TensorJob) -> None:
@@ -91,14 +114,14 @@ def run_jobs(
         elif on_done is not None:
             on_done(job)
 
-    pool = ThreadPoolExecutor(max_workers=max(1, options.threads))
+    # OpenMP thread counts are per thread: each worker must set its own.
+    pool = ThreadPoolExecutor(
+        max_workers=max(1, options.threads), initializer=torch.set_num_threads, initargs=(1,)
+    )
     futures: list[Future] = []
     try:
         try:
-            for job in todo:
-                if failed.is_set():
-                    break
-                budget.acquire(job.work_bytes)
+            for job in _largest_first_within(budget, todo, failed):
                 future = pool.submit(_run_one, plan.method, job, sources, write, device, options)
                 future.add_done_callback(lambda f, j=job: finished(f, j))
                 futures.append(future)
@@ -117,6 +140,24 @@ def run_jobs(
         torch.set_num_threads(previous_threads)
 
 
+def _largest_first_within(
+    budget: _Budget, jobs: list[TensorJob], failed: threading.Event
+) -> Iterator[TensorJob]:
+    """Jobs in order of size, largest first, each as soon as the memory budget admits it: big
+    jobs start early instead of ending the merge on one busy thread, and a job waiting for room
+    never holds up smaller ones that fit. Output does not depend on this order."""
+    queue = sorted(jobs, key=lambda j: (-j.work_bytes, j.index))
+    while queue and not failed.is_set():
+        yield budget.take_first_fitting(queue)
+
+
+def default_memory_budget(jobs: list[TensorJob]) -> int:
+    """Room for the largest job plus a quarter more, so two giant jobs (embeddings and lm_head,
+    say) never run together while small ones fill the other threads."""
+    largest = max((job.work_bytes for job in jobs), default=0)
+    return largest + largest // 4
+
+
 def _run_one(
     method: MergeMethod,
     job: TensorJob,
@@ -131,6 +172,8 @@ def _run_one(
         for inp in (job.base, *job.inputs):
             if inp is not None:
                 sources[inp.model].release(inp.name)
+        if job.work_bytes > TRIM_AFTER_BYTES:
+            _trim_heap()
 
 
 def compute(
@@ -142,33 +185,35 @@ def compute(
 ) -> torch.Tensor:
     """One output tensor, in its output dtype, on the CPU."""
     if job.copy_only:
-        return _load(sources, job.inputs[0])
-    base = _as_float(sources, job.base, device, allow_nonfinite) if job.base else None
-    models = [_as_float(sources, inp, device, allow_nonfinite) for inp in job.inputs]
-    result = method.run(MethodInputs(base, models, job.params, job.model_params, job.seeds))
+        return _load(sources, job.inputs[0], device)
+    base = _load(sources, job.base, device) if job.base else None
+    models = [_load(sources, inp, device) for inp in job.inputs]
+    inputs = MethodInputs(
+        base,
+        models,
+        job.params,
+        job.model_params,
+        job.seeds,
+        out_dtype=to_torch(job.dtype),
+        check_finite=not allow_nonfinite,
+    )
+    try:
+        result = method.run(inputs)
+    except NonFiniteInput as exc:
+        culprit = job.base if exc.model < 0 else job.inputs[exc.model]
+        assert culprit is not None
+        raise MergeError(
+            f"model '{culprit.model}': tensor '{culprit.name}' holds NaN or infinite values",
+            "the checkpoint is damaged or diverged; use --allow-nonfinite to merge it anyway",
+        ) from None
     del base, models
     return result.to(dtype=to_torch(job.dtype)).cpu()
 
 
-def _load(sources: Mapping[str, ModelSource], inp: TensorInput) -> torch.Tensor:
+def _load(
+    sources: Mapping[str, ModelSource], inp: TensorInput, device: torch.device
+) -> torch.Tensor:
     tensor = sources[inp.model].read(inp.name)
     if inp.crop is not None:
-        tensor = tensor[tuple(slice(0, n) for n in inp.crop)]
-    return tensor
-
-
-def _as_float(
-    sources: Mapping[str, ModelSource],
-    inp: TensorInput,
-    device: torch.device,
-    allow_nonfinite: bool,
-) -> torch.Tensor:
-    # Arithmetic is float32 whatever the storage type; the result is rounded once at the end.
-    tensor = _load(sources, inp).to(device=device, dtype=torch.float32)
-    if not allow_nonfinite and not bool(torch.isfinite(tensor).all()):
-        bad = int((~torch.isfinite(tensor)).sum())
-        raise MergeError(
-            f"model '{inp.model}': tensor '{inp.name}' has {bad} NaN or infinite value(s)",
-            "the checkpoint is damaged or diverged; use --allow-nonfinite to merge it anyway",
-        )
-    return tensor
+        tensor = tensor[tuple(slice(0, n) for n in inp.crop)].contiguous()
+    return tensor if device.type == "cpu" else tensor.to(device)

@@ -55,9 +55,14 @@ class TensorJob:
 
     @property
     def work_bytes(self) -> int:
-        """A generous bound on float32 working memory for this job."""
+        """Memory this job holds while it runs: its inputs as stored (mapped pages count once
+        touched), its output, and float32 block temporaries, which never grow with the tensor."""
+        from mergesmith.ops.blocks import BLOCK
+
         k = len(self.inputs) + (1 if self.base else 0)
-        return self.numel * 4 * (2 * k + 4)
+        itemsize = ITEMSIZE[self.dtype]
+        block_temps = min(self.numel, BLOCK) * 4 * (2 * k + 6)
+        return self.numel * itemsize * (k + 1) + block_temps
 
 
 @dataclass

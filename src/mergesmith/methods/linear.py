@@ -2,26 +2,59 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
 
-from mergesmith.methods.registry import MergeMethod, MethodInputs, ParamSpec, register
+from mergesmith.methods.registry import (
+    MergeMethod,
+    MethodInputs,
+    ParamSpec,
+    register,
+    require_finite,
+)
+from mergesmith.ops.blocks import block_ranges
 
 
-def linear(models: Sequence[torch.Tensor], weights: Sequence[float], normalize: bool = True):
-    """sum_i w_i X_i, divided by sum_i w_i when `normalize`."""
-    result = torch.zeros_like(models[0])
-    for model, weight in zip(models, weights, strict=True):
-        result.add_(model, alpha=weight)
-    if normalize:
-        result.div_(sum(weights))
-    return result
+def linear(
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    normalize: bool = True,
+    *,
+    out_dtype: torch.dtype | None = None,
+    check_finite: bool = False,
+) -> torch.Tensor:
+    """sum_i w_i X_i, divided by sum_i w_i when `normalize`; float32 arithmetic, block by block."""
+    first = models[0]
+    flats = [m.reshape(-1) for m in models]
+    out = torch.empty(first.numel(), dtype=out_dtype or first.dtype, device=first.device)
+    total = float(torch.tensor([float(w) for w in weights], dtype=torch.float32).sum())
+    finite = True
+    for _, start, end in block_ranges(first.numel()):
+        acc = flats[0][start:end].float().mul(float(weights[0]))
+        for flat, weight in zip(flats[1:], weights[1:], strict=True):
+            acc.add_(flat[start:end].float(), alpha=float(weight))
+        if check_finite:
+            finite = finite and math.isfinite(float(acc.sum()))
+        if normalize:
+            acc.div_(total)
+        out[start:end].copy_(acc)
+    if not finite:
+        for position, model in enumerate(models):
+            require_finite(None, model, position)
+    return out.reshape(first.shape)
 
 
 def _run(inputs: MethodInputs) -> torch.Tensor:
     weights = [m["weight"] for m in inputs.model_params]
-    return linear(inputs.models, weights, inputs.params["normalize"])
+    return linear(
+        inputs.models,
+        weights,
+        inputs.params["normalize"],
+        out_dtype=inputs.out_dtype,
+        check_finite=inputs.check_finite,
+    )
 
 
 register(

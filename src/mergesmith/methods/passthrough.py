@@ -4,13 +4,24 @@ from __future__ import annotations
 
 import torch
 
-from mergesmith.methods.registry import MergeMethod, MethodInputs, ParamSpec, register
+from mergesmith.methods.registry import (
+    MergeMethod,
+    MethodInputs,
+    ParamSpec,
+    register,
+    require_finite,
+)
 
 
 def _run(inputs: MethodInputs) -> torch.Tensor:
     scale = inputs.model_params[0].get("scale")
     tensor = inputs.models[0]
-    return tensor if scale is None else tensor * scale
+    if inputs.check_finite:
+        require_finite(None, tensor, 0)
+    out_dtype = inputs.out_dtype or torch.float32
+    if scale is None:
+        return tensor.to(out_dtype)
+    return (tensor.float() * scale).to(out_dtype)
 
 
 register(

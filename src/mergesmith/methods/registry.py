@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -32,13 +32,34 @@ class ParamSpec:
 
 @dataclass(frozen=True)
 class MethodInputs:
-    """What a method sees for one output tensor, all on one device, in float32."""
+    """What a method sees for one output tensor, as stored (bf16, say); methods compute in
+    float32 and return the result in `out_dtype`."""
 
     base: torch.Tensor | None
     models: Sequence[torch.Tensor]  # every non-base input, in recipe order
-    params: dict[str, Any]  # global parameters, resolved for this tensor
-    model_params: Sequence[dict[str, Any]]  # per-model parameters, one dict per input
+    params: Mapping[str, Any]  # global parameters, resolved for this tensor
+    model_params: Sequence[Mapping[str, Any]]  # per-model parameters, one dict per input
     seeds: Sequence[int]  # one per input, derived from (seed, model, tensor)
+    out_dtype: torch.dtype | None = None  # None: float32
+    check_finite: bool = False  # raise NonFiniteInput on NaN or Inf in any input
+
+
+class NonFiniteInput(ValueError):
+    """An input holds NaN or Inf; `model` is its position among the models (-1: the base)."""
+
+    def __init__(self, model: int) -> None:
+        super().__init__(f"input {model} holds NaN or Inf")
+        self.model = model
+
+
+def require_finite(base: torch.Tensor | None, model: torch.Tensor, position: int) -> None:
+    """Raise NonFiniteInput naming the model (or the base) that holds NaN or Inf, if any."""
+    import torch
+
+    if not bool(torch.isfinite(model).all()):
+        raise NonFiniteInput(position)
+    if base is not None and not bool(torch.isfinite(base).all()):
+        raise NonFiniteInput(-1)
 
 
 @dataclass(frozen=True)

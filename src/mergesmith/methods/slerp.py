@@ -12,6 +12,7 @@ from mergesmith.methods.registry import (
     ParamSpec,
     in_unit_interval,
     register,
+    require_finite,
 )
 
 DOT_THRESHOLD = 0.9995
@@ -35,7 +36,10 @@ def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 def _run(inputs: MethodInputs) -> torch.Tensor:
     assert inputs.base is not None
-    return slerp(inputs.params["t"], inputs.base, inputs.models[0])
+    if inputs.check_finite:
+        require_finite(inputs.base, inputs.models[0], 0)
+    result = slerp(inputs.params["t"], inputs.base.float(), inputs.models[0].float())
+    return result.to(inputs.out_dtype or torch.float32)
 
 
 register(

@@ -8,6 +8,7 @@ on unweighted deltas and divides by the count of agreeing models.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,9 +21,22 @@ from mergesmith.methods.registry import (
     in_unit_interval,
     non_negative,
     register,
+    require_finite,
 )
+from mergesmith.ops import float_masks as fm
 from mergesmith.ops import sparsify as sp
-from mergesmith.ops.consensus import agreement_mask, elect_sign
+from mergesmith.ops.blocks import BLOCK, block_generator, block_ranges
+from mergesmith.ops.rank_cut import (
+    Cut,
+    CutRequest,
+    UnorderedKeys,
+    at_or_after,
+    at_or_before,
+    find_cuts,
+    sample_positions,
+)
+from mergesmith.ops.select import stable_ranks
+from mergesmith.ops.sparsify import RESCALE_EPS
 
 CONSENSUS_METHODS = ("sum", "count")
 SPARSIFIERS = ("magnitude", "random", "magnitude_outliers", "della_magprune")
@@ -65,7 +79,7 @@ def sparsify(
     epsilon: float = 0.15,
     seed: int = 0,
 ) -> torch.Tensor:
-    """Apply one sparsifier to one task vector."""
+    """Apply one sparsifier to one task vector held in memory (the whole-tensor reference)."""
     if method is None:
         return delta
     if method == "magnitude":
@@ -94,45 +108,292 @@ def merge_task_vectors(
     gammas: Sequence[float] | None = None,
     epsilons: Sequence[float] | None = None,
     seeds: Sequence[int] | None = None,
+    out_dtype: torch.dtype | None = None,
+    check_finite: bool = False,
 ) -> torch.Tensor:
-    """The whole family on plain tensors: base + lambda * combine(sparsify(X_i - base) * w_i)."""
-    if not models:
-        return base.clone()
+    """The whole family on plain tensors: base + lambda * combine(sparsify(X_i - base) * w_i).
+
+    Inputs may be any float dtype (memory-mapped bf16, say); arithmetic is float32 and the
+    result is rounded once to `out_dtype` (default: the base's dtype). The work goes block by
+    block (see ops.blocks), so memory is bounded by a block, not by the tensor.
+    """
     k = len(models)
-    densities = densities if densities is not None else [1.0] * k
-    gammas = gammas if gammas is not None else [0.01] * k
-    epsilons = epsilons if epsilons is not None else [0.15] * k
-    seeds = seeds if seeds is not None else list(range(k))
-    weighted = torch.empty((k, *base.shape), dtype=base.dtype, device=base.device)
-    for i, model in enumerate(models):
-        delta = sparsify(
-            model - base,
+    out_dtype = out_dtype or base.dtype
+    if k == 0:
+        return base.to(out_dtype, copy=True)
+    n = base.numel()
+    flat_base = base.reshape(-1)
+    flats = [m.reshape(-1) for m in models]
+    specs = [
+        _ModelPlan(
             sparsifier,
-            densities[i],
-            rescale=rescale,
-            gamma=gammas[i],
-            epsilon=epsilons[i],
-            seed=seeds[i],
+            (densities or [1.0] * k)[i],
+            (gammas or [0.01] * k)[i],
+            (epsilons or [0.15] * k)[i],
+            (seeds or list(range(k)))[i],
+            rescale,
         )
-        torch.mul(delta, weights[i], out=weighted[i])
-        del delta
-    w = torch.tensor(list(weights), dtype=base.dtype, device=base.device).reshape(
-        (k,) + (1,) * base.dim()
-    )
-    if consensus is not None:
-        agree = agreement_mask(weighted, elect_sign(weighted, consensus))
-        mixed = torch.where(agree, weighted, 0.0).sum(dim=0)
-        divisor = torch.where(agree, w, 0.0).sum(dim=0)
-        divisor = torch.where(divisor == 0, 1.0, divisor)
+        for i in range(k)
+    ]
+    block = _block_size(base.shape, sparsifier)
+    shape2d = _rows(base.shape)
+    try:
+        _select(specs, flat_base, flats, n, block)
+    except UnorderedKeys:
+        # NaN deltas: name the culprit, or (when allowed) trim as if NaN were zero.
+        if check_finite:
+            _name_the_non_finite_input(flat_base, flats)
+        clean = [torch.nan_to_num(torch.sub(f, flat_base), nan=0.0) + flat_base for f in flats]
+        _select(specs, flat_base, clean, n, block)
+    for plan, flat in zip(specs, flats, strict=True):
+        plan.measure_rescale(flat_base, flat, n, block, shape2d)
+    out = torch.empty(n, dtype=out_dtype)
+    weight_list = [float(w) for w in weights]
+    total_weight = float(torch.tensor(weight_list, dtype=torch.float32).sum())
+    plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
+    finite = True
+    for number, start, end in block_ranges(n, block):
+        b = flat_base[start:end].float()
+        weighted = []
+        for i, plan in enumerate(specs):
+            d = torch.sub(flats[i][start:end], b)
+            plan.apply(d, number, start, shape2d)
+            d.mul_(weight_list[i])
+            weighted.append(d)
+        if consensus is not None:
+            mixed, divisor = _disjoint(weighted, weight_list, consensus)
+        else:
+            mixed = weighted[0]
+            for w in weighted[1:]:
+                mixed.add_(w)
+            divisor = plain_divisor
+        if check_finite and finite:
+            # NaN and Inf survive every mask and weight (x * 0 is NaN for them), so one sum
+            # per block finds them; which input it was is settled below.
+            finite = math.isfinite(float(mixed.sum()))
+        if normalize:
+            mixed.div_(divisor)
+        if lambda_ != 1:
+            mixed.mul_(lambda_)
+        out[start:end].copy_(mixed.add_(b))
+    if not finite:
+        _name_the_non_finite_input(flat_base, flats)
+    return out.reshape(base.shape)
+
+
+def _name_the_non_finite_input(base: torch.Tensor, flats: list[torch.Tensor]) -> None:
+    for i, flat in enumerate(flats):
+        require_finite(base, flat, i)
+
+
+def _select(
+    specs: list[_ModelPlan], base: torch.Tensor, flats: list[torch.Tensor], n: int, block: int
+) -> None:
+    """Find every model's magnitude cuts in one shared sweep over the blocks."""
+    wanted = []
+    for plan, flat in zip(specs, flats, strict=True):
+        request = plan.cut_request(base, flat, n)
+        if request is not None:
+            wanted.append((plan, request))
+    if wanted:
+        find_cuts([r for _, r in wanted], n, block, lambda s, e: base[s:e].float())
+        for plan, request in wanted:
+            plan.take_cuts(request, n)
+
+
+def _disjoint(
+    weighted: list[torch.Tensor], weights: list[float], method: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sign election and the disjoint sum; the divisor is the sum of agreeing weights.
+
+    Float masks throughout (see ops.float_masks): the same values as bool masks, much faster.
+    """
+    if method == "sum":
+        total = weighted[0].clone()
+        for w in weighted[1:]:
+            total.add_(w)
     else:
-        mixed = weighted.sum(dim=0)
-        total = w.sum()
-        divisor = torch.where(total.abs() < 1e-8, 1.0, total)
-    if normalize:
-        mixed = mixed / divisor
-    if lambda_ != 1:
-        mixed = mixed * lambda_
-    return base + mixed
+        total = torch.sign(weighted[0])
+        for w in weighted[1:]:
+            total.add_(torch.sign(w))
+    elected = fm.elected_sign(total)
+    mixed = divisor = None
+    for w, weight in zip(weighted, weights, strict=True):
+        # sign(0) = 0 never equals +-1, so exact zeros never agree.
+        agree = torch.sign(w).eq_(elected)
+        w.mul_(agree)
+        if mixed is None:
+            mixed, divisor = w, agree.mul_(weight)
+        else:
+            mixed.add_(w)
+            divisor.add_(agree.mul_(weight))
+    return mixed, fm.nonzero_to_one(divisor)
+
+
+def _cut_mask(
+    magnitude: torch.Tensor, start: int, cut: Cut, *, upper: bool, descending: bool
+) -> torch.Tensor:
+    """Float mask of the entries on the kept side of a cut in (key, index) order, where the key
+    is |delta| (or -|delta| when `descending`)."""
+    end = start + magnitude.numel()
+    if start <= cut.index < end:
+        # The block where equal keys straddle the cut: decide by index too (rare, so bool ops).
+        keys = magnitude.neg() if descending else magnitude
+        side = at_or_before if upper else at_or_after
+        return side(keys, start, cut).to(magnitude.dtype)
+    equal_kept = cut.index >= end if upper else cut.index < start
+    if descending:
+        # key <= v  <=>  |delta| >= -v
+        limit = -cut.key
+        return fm.at_least(magnitude, limit) if equal_kept else fm.above(magnitude, limit)
+    if upper:
+        return fm.at_most(magnitude, cut.key) if equal_kept else fm.below(magnitude, cut.key)
+    return fm.at_least(magnitude, cut.key) if equal_kept else fm.above(magnitude, cut.key)
+
+
+def _block_size(shape: torch.Size, sparsifier: str | None) -> int:
+    if sparsifier != "della_magprune":
+        return BLOCK
+    # DELLA ranks within rows, so its blocks hold whole rows.
+    width = _rows(shape)[1]
+    return width * max(1, BLOCK // width)
+
+
+def _rows(shape: torch.Size) -> tuple[int, int]:
+    """DELLA's rows: the first axis; a 1-D tensor is one row."""
+    if len(shape) < 2:
+        n = 1
+        for d in shape:
+            n *= d
+        return 1, n
+    rows = shape[0]
+    n = 1
+    for d in shape:
+        n *= d
+    return rows, n // max(1, rows)
+
+
+class _ModelPlan:
+    """One model's sparsification, decided before the combining pass."""
+
+    def __init__(
+        self,
+        kind: str | None,
+        density: float,
+        gamma: float,
+        epsilon: float,
+        seed: int,
+        rescale: bool,
+    ) -> None:
+        self.kind = kind if kind is not None and density < 1 else None
+        self.density, self.gamma, self.epsilon, self.seed = density, gamma, epsilon, seed
+        self.rescale = rescale
+        self.lower: Cut | None = None  # keep entries at or after this cut...
+        self.upper: Cut | None = None  # ...and at or before this one
+        self.keep_none = False
+        self.factor = 1.0
+
+    def cut_request(self, base: torch.Tensor, model: torch.Tensor, n: int) -> CutRequest | None:
+        """What this model needs from the shared selection sweep, if anything."""
+        if self.kind not in ("magnitude", "magnitude_outliers"):
+            if self.kind == "della_magprune" and self.density <= 0:
+                self.keep_none = True
+            return None
+        descending = self.kind == "magnitude"
+        if n == 0 or (descending and self.density <= 0):
+            self.keep_none = True
+            return None
+
+        def keys_of(start: int, end: int, b: torch.Tensor) -> torch.Tensor:
+            a = torch.sub(model[start:end], b).abs_()
+            return a.neg_() if descending else a
+
+        positions = sample_positions(n, base.device)
+        sample = (model[positions].float() - base[positions].float()).abs_()
+        if descending:
+            k = max(1, math.floor(self.density * n))
+            return CutRequest(keys_of, sample.neg_(), [k - 1], [True])
+        target = math.floor(self.density * n)
+        n_top = math.floor(self.gamma * n)
+        n_bottom = max(0, n - target - n_top)
+        if target <= 0:
+            self.keep_none = True
+            return None
+        return CutRequest(keys_of, sample, [n_bottom, n_bottom + target - 1], [False, True])
+
+    def take_cuts(self, request: CutRequest, n: int) -> None:
+        if self.kind == "magnitude":
+            (self.upper,) = request.cuts
+            return
+        lower, upper = request.cuts
+        first, last = request.ranks
+        self.lower = lower if first > 0 else None
+        self.upper = upper if last < n - 1 else None
+
+    def measure_rescale(
+        self, base: torch.Tensor, model: torch.Tensor, n: int, block: int, shape2d: tuple[int, int]
+    ) -> None:
+        """L1 norms of the whole and of the kept delta, for `rescale`."""
+        if not self.rescale or self.kind is None or self.keep_none:
+            return
+        total = kept = 0.0
+        for number, start, end in block_ranges(n, block):
+            d = torch.sub(model[start:end], base[start:end].float())
+            keep = self.keep(d, number, start, shape2d)
+            a = d.abs_()
+            total += float(a.sum())
+            if keep is not None:
+                a.mul_(keep)
+            kept += float(a.sum())
+        if total >= RESCALE_EPS and kept >= RESCALE_EPS:
+            self.factor = total / kept
+
+    def keep(
+        self, delta: torch.Tensor, number: int, start: int, shape2d: tuple[int, int]
+    ) -> torch.Tensor | None:
+        """Which entries of one block of the delta survive, as a float 0/1 mask (None: all)."""
+        if self.kind is None:
+            return None
+        if self.keep_none:
+            return torch.zeros_like(delta)
+        if self.kind == "random":
+            draws = torch.rand(delta.shape, generator=block_generator(self.seed, number))
+            return fm.below(draws.to(delta.device), self.density)
+        if self.kind == "della_magprune":
+            return self._della_keep(delta.abs(), number, shape2d)
+        magnitude = delta.abs()
+        keep = None
+        if self.lower is not None:
+            keep = _cut_mask(magnitude, start, self.lower, upper=False, descending=False)
+        if self.upper is not None:
+            descending = self.kind == "magnitude"
+            upper = _cut_mask(magnitude, start, self.upper, upper=True, descending=descending)
+            keep = upper if keep is None else keep.mul_(upper)
+        return keep
+
+    def _della_keep(
+        self, magnitude: torch.Tensor, number: int, shape2d: tuple[int, int]
+    ) -> torch.Tensor:
+        width = shape2d[1]
+        rows = magnitude.reshape(-1, width)
+        if width > 1:
+            position = stable_ranks(rows).to(torch.float32).div_(width - 1)
+            probability = position.mul_(2 * self.epsilon).add_(self.density - self.epsilon)
+        else:
+            # One entry has no rank spread; mergekit divides 0/0 here.
+            probability = torch.full(rows.shape, self.density)
+        draws = torch.rand(rows.shape, generator=block_generator(self.seed, number))
+        return torch.sub(probability, draws.to(rows.device)).clamp_(min=0).sign_().reshape(-1)
+
+    def apply(self, delta: torch.Tensor, number: int, start: int, shape2d: tuple[int, int]) -> None:
+        """Sparsify and rescale one block of this model's delta in place."""
+        if self.kind is None:
+            return
+        keep = self.keep(delta, number, start, shape2d)
+        if keep is not None:
+            delta.mul_(keep)
+        if self.factor != 1.0:
+            delta.mul_(self.factor)
 
 
 def _run(row: FamilyRow):
@@ -153,6 +414,8 @@ def _run(row: FamilyRow):
             gammas=[m.get("gamma", 0.01) for m in mp],
             epsilons=[m.get("epsilon", 0.15) for m in mp],
             seeds=inputs.seeds,
+            out_dtype=inputs.out_dtype,
+            check_finite=inputs.check_finite,
         )
 
     return run

@@ -72,6 +72,17 @@ class Journal:
         self.path.unlink(missing_ok=True)
 
 
+def recorded(folder: Path) -> set[str]:
+    """Names of the tensors the journal says were written."""
+    names = set()
+    for line in (folder / JOURNAL_FILE).read_text(encoding="utf-8").splitlines()[1:]:
+        try:
+            names.add(json.loads(line)["tensor"])
+        except (ValueError, KeyError, TypeError):
+            continue
+    return names
+
+
 def reusable_tensors(folder: Path, print_: str, layout: OutputLayout) -> set[str]:
     """Names of tensors a previous attempt finished whose bytes are still intact."""
     path = folder / JOURNAL_FILE
