@@ -156,8 +156,7 @@ def merge_task_vectors(
         b = flat_base[start:end].float()
         weighted = []
         for i, plan in enumerate(specs):
-            d = torch.sub(flats[i][start:end], b)
-            plan.apply(d, number, start, shape2d)
+            d = plan.sparsify(torch.sub(flats[i][start:end], b), number, start, shape2d)
             d.mul_(weight_list[i])
             weighted.append(d)
         if consensus is not None:
@@ -228,6 +227,29 @@ def _disjoint(
             mixed.add_(w)
             divisor.add_(agree.mul_(weight))
     return mixed, fm.nonzero_to_one(divisor)
+
+
+def _below_in_float32(value: float) -> float:
+    """The largest float32 below `value` (>= 0): turns a strict test into an inclusive one."""
+    return float(torch.nextafter(torch.tensor(value), torch.tensor(0.0)))
+
+
+def _keep_large(delta: torch.Tensor, limit: float, *, inclusive: bool) -> torch.Tensor:
+    """delta where |delta| > limit (>= when inclusive), else 0."""
+    if inclusive:
+        if limit <= 0:
+            return delta
+        limit = _below_in_float32(limit)
+    return torch.nn.functional.hardshrink(delta, limit)
+
+
+def _keep_small(delta: torch.Tensor, limit: float, *, inclusive: bool) -> torch.Tensor:
+    """delta where |delta| <= limit (< when not inclusive), else 0."""
+    if not inclusive:
+        if limit <= 0:
+            return torch.zeros_like(delta)
+        limit = _below_in_float32(limit)
+    return delta - torch.nn.functional.hardshrink(delta, limit)
 
 
 def _cut_mask(
@@ -339,12 +361,8 @@ class _ModelPlan:
         total = kept = 0.0
         for number, start, end in block_ranges(n, block):
             d = torch.sub(model[start:end], base[start:end].float())
-            keep = self.keep(d, number, start, shape2d)
-            a = d.abs_()
-            total += float(a.sum())
-            if keep is not None:
-                a.mul_(keep)
-            kept += float(a.sum())
+            total += float(d.abs().sum())
+            kept += float(self.sparsify(d, number, start, shape2d).abs_().sum())
         if total >= RESCALE_EPS and kept >= RESCALE_EPS:
             self.factor = total / kept
 
@@ -385,15 +403,38 @@ class _ModelPlan:
         draws = torch.rand(rows.shape, generator=block_generator(self.seed, number))
         return torch.sub(probability, draws.to(rows.device)).clamp_(min=0).sign_().reshape(-1)
 
-    def apply(self, delta: torch.Tensor, number: int, start: int, shape2d: tuple[int, int]) -> None:
-        """Sparsify and rescale one block of this model's delta in place."""
+    def sparsify(
+        self, delta: torch.Tensor, number: int, start: int, shape2d: tuple[int, int]
+    ) -> torch.Tensor:
+        """One block of this model's delta, sparsified and rescaled (`delta` may be reused)."""
         if self.kind is None:
-            return
-        keep = self.keep(delta, number, start, shape2d)
-        if keep is not None:
-            delta.mul_(keep)
+            return delta
+        trimmed = self._trim_by_cuts(delta, start)
+        if trimmed is None:
+            keep = self.keep(delta, number, start, shape2d)
+            trimmed = delta if keep is None else delta.mul_(keep)
         if self.factor != 1.0:
-            delta.mul_(self.factor)
+            trimmed.mul_(self.factor)
+        return trimmed
+
+    def _trim_by_cuts(self, delta: torch.Tensor, start: int) -> torch.Tensor | None:
+        """Magnitude cuts as hardshrink, one fused op, in every block no tie run is split in."""
+        if self.kind not in ("magnitude", "magnitude_outliers") or self.keep_none:
+            return None
+        end = start + delta.numel()
+        cuts = [c for c in (self.lower, self.upper) if c is not None]
+        if any(start <= c.index < end for c in cuts):
+            return None
+        if self.kind == "magnitude":
+            assert self.upper is not None
+            # key = -|delta| <= v  <=>  |delta| >= -v; equal keys kept when the cut is after.
+            return _keep_large(delta, -self.upper.key, inclusive=self.upper.index >= end)
+        kept = delta
+        if self.lower is not None:
+            kept = _keep_large(kept, self.lower.key, inclusive=self.lower.index < start)
+        if self.upper is not None:
+            kept = _keep_small(kept, self.upper.key, inclusive=self.upper.index >= end)
+        return kept
 
 
 def _run(row: FamilyRow):
