@@ -5,10 +5,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from mergesmith.methods import MethodInputs, get_method
 from mergesmith.toymodels import ToyShape, make_family
 
 
@@ -35,3 +37,24 @@ def write_recipe(folder: Path, text: str, name: str = "recipe.yml") -> Path:
     path = folder / name
     path.write_text(text, encoding="utf-8")
     return path
+
+
+def run_method(
+    name: str,
+    base: torch.Tensor,
+    models: list[torch.Tensor],
+    model_params: list[dict[str, Any]],
+    params: dict[str, Any] | None = None,
+    seeds: list[int] | None = None,
+) -> torch.Tensor:
+    """Call a registered method as the engine does: defaults filled in, unknown names dropped."""
+    method = get_method(name)
+    assert method is not None
+    full = {p.name: p.default for p in method.params if not p.per_model}
+    full.update(params or {})
+    defaults = {p.name: p.default for p in method.params if p.per_model and not p.required}
+    names = {p.name for p in method.params}
+    filled = [defaults | {k: v for k, v in m.items() if k in names} for m in model_params]
+    return method.run(
+        MethodInputs(base, models, full, filled, seeds if seeds is not None else [0] * len(models))
+    )

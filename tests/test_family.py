@@ -11,8 +11,9 @@ from typing import Any
 import pytest
 import torch
 
-from mergesmith.methods import MethodInputs, get_method
+from mergesmith.methods import get_method
 from mergesmith.methods.task_arithmetic import FAMILY
+from tests.conftest import run_method as run
 
 # The table of section 4: consensus, sparsifier, normalize, rescale, per-model params.
 SPEC_TABLE: dict[str, tuple[str | None, str | None, bool, bool, set[str]]] = {
@@ -28,27 +29,6 @@ SPEC_TABLE: dict[str, tuple[str | None, str | None, bool, bool, set[str]]] = {
 GLOBAL_PARAMS = {"normalize", "rescale", "lambda", "int8_mask", "consensus_method"}
 NAMES = sorted(SPEC_TABLE)
 SPARSIFYING = [n for n in NAMES if SPEC_TABLE[n][1] is not None]
-
-
-def run(
-    name: str,
-    base: torch.Tensor,
-    models: list[torch.Tensor],
-    model_params: list[dict[str, Any]],
-    params: dict[str, Any] | None = None,
-    seeds: list[int] | None = None,
-) -> torch.Tensor:
-    method = get_method(name)
-    assert method is not None
-    full = {p.name: p.default for p in method.params if not p.per_model}
-    full.update(params or {})
-    per_model_defaults = {
-        p.name: p.default for p in method.params if p.per_model and not p.required
-    }
-    filled = [per_model_defaults | m for m in model_params]
-    return method.run(
-        MethodInputs(base, models, full, filled, seeds if seeds is not None else [0] * len(models))
-    )
 
 
 def _t(values: list[float]) -> torch.Tensor:

@@ -10,14 +10,13 @@ w = 0 the result is B. At d = 1 that is task arithmetic with weight lambda (and 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mergesmith.methods import MethodInputs, get_method
 from mergesmith.methods.task_arithmetic import merge_task_vectors
+from tests.conftest import run_method as run
 
 FAMILY_NAMES = [
     "task_arithmetic",
@@ -35,26 +34,6 @@ FAST = settings(max_examples=40, deadline=None)
 # which sign wins and whether a divisor is zero.
 DYADIC = st.sampled_from([-3.0, -1.5, -1.0, -0.5, 0.0, 0.0, 0.25, 0.5, 1.0, 2.0])
 WEIGHT = st.sampled_from([-1.0, -0.5, 0.0, 0.25, 0.5, 1.0, 2.0])
-
-
-def run(
-    name: str,
-    base: torch.Tensor,
-    models: list[torch.Tensor],
-    model_params: list[dict[str, Any]],
-    params: dict[str, Any] | None = None,
-    seeds: list[int] | None = None,
-) -> torch.Tensor:
-    method = get_method(name)
-    assert method is not None
-    full = {p.name: p.default for p in method.params if not p.per_model}
-    full.update(params or {})
-    defaults = {p.name: p.default for p in method.params if p.per_model and not p.required}
-    names = {p.name for p in method.params}
-    filled = [defaults | {k: v for k, v in m.items() if k in names} for m in model_params]
-    return method.run(
-        MethodInputs(base, models, full, filled, seeds if seeds is not None else [0] * len(models))
-    )
 
 
 def _random_tensor(shape: tuple[int, ...], seed: int) -> torch.Tensor:
