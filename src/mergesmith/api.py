@@ -85,7 +85,6 @@ def merge(
     shard_bytes = parse_size(shard_size, "--shard-size")
     memory_bytes = parse_size(max_memory, "--max-memory") if max_memory is not None else None
     device = _resolve_device(device)
-    finish.check_output_target(out, overwrite)
     plan, sources = prepare(recipe, seed)
     check_output(out, sources, overwrite)
     for warning in plan.warnings:
@@ -136,7 +135,7 @@ def merge(
             progress_log.close()
         index = layout.index_json()
         if index is not None:
-            (staging / "model.safetensors.index.json").write_text(index, encoding="utf-8")
+            metadata.write_text(staging / "model.safetensors.index.json", index)
         metadata.write_config(plan, sources, staging)
         metadata.copy_tokenizer(plan, sources, staging)
         metadata.write_card(plan, staging)
@@ -149,16 +148,18 @@ def merge(
             )
         progress_log.remove()
         finish.publish(staging, out, overwrite)
-    except OSError as exc:
-        if exc.errno in NO_SPACE:
-            raise MergeError(
-                f"{staging}: {os.strerror(exc.errno)} while writing the output",
-                "free disk space, then run again with --resume",
-            ) from None
-        raise
+    except BaseException as exc:
+        finish.strip_to_resumable(staging, layout, journal.JOURNAL_FILE)
+        if not isinstance(exc, OSError) or exc.errno not in NO_SPACE:
+            raise
+        raise MergeError(
+            f"{exc.filename or staging}: {os.strerror(exc.errno)} while writing the output",
+            "free disk space, then run again with --resume",
+        ) from None
     finally:
         for source in sources.values():
             source.close()
+
     return MergeResult(
         out_dir=out,
         tensors=len(plan.jobs),
@@ -189,7 +190,7 @@ def check_output(out_dir: str | Path, sources: dict[str, ModelSource], overwrite
     from mergesmith.output.finish import check_output_target
 
     out = Path(out_dir).expanduser().absolute()
-    check_output_target(out, overwrite)
+    # Overlap first: for an input folder, "not empty, use --overwrite" would be a harmful hint.
     for ref, source in sources.items():
         folder = source.folder.absolute()
         if out == folder or out in folder.parents or folder in out.parents:
@@ -197,3 +198,4 @@ def check_output(out_dir: str | Path, sources: dict[str, ModelSource], overwrite
                 f"output folder '{out}' overlaps input model '{ref}' ({folder})",
                 "write the merge to a new folder",
             )
+    check_output_target(out, overwrite)

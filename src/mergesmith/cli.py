@@ -42,9 +42,18 @@ def _fail(error: BaseException, debug: bool) -> None:
 
 
 def _guarded(debug: bool, work: Callable[[], Any]) -> Any:
+    def winding_down(_signum: int, _frame: Any) -> None:
+        # Running jobs are finishing; a second signal must not tear the process down
+        # mid-cleanup (torch's threads crash if the interpreter exits under them).
+        return
+
     def interrupted(signum: int, _frame: Any) -> None:
+        signal.signal(signal.SIGINT, winding_down)
+        signal.signal(signal.SIGTERM, winding_down)
         raise KeyboardInterrupt(signal.Signals(signum).name)
 
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+        signal.signal(signal.SIGINT, interrupted)
     signal.signal(signal.SIGTERM, interrupted)
     try:
         return work()

@@ -175,7 +175,13 @@ def load_recipe(recipe: str | Path | dict[str, Any]) -> Recipe:
     import yaml
 
     if isinstance(recipe, dict):
-        text = yaml.safe_dump(recipe, sort_keys=False)
+        try:
+            text = yaml.safe_dump(recipe, sort_keys=False, allow_unicode=True)
+        except (yaml.YAMLError, RecursionError, ValueError) as exc:
+            raise MergeError(
+                f"<recipe>: the recipe dict cannot be written as YAML ({exc.__class__.__name__})",
+                "use plain dicts, lists, strings, numbers and booleans, nested a few levels",
+            ) from None
         name = "<recipe>"
     elif isinstance(recipe, Path) or (
         isinstance(recipe, str) and "\n" not in recipe and recipe.endswith((".yml", ".yaml"))
@@ -184,9 +190,14 @@ def load_recipe(recipe: str | Path | dict[str, Any]) -> Recipe:
         try:
             text = path.read_text(encoding="utf-8")
         except FileNotFoundError:
-            raise MergeError(f"recipe file '{path}' does not exist", None) from None
+            raise MergeError(
+                f"recipe file '{path}' does not exist", "check the path to the YAML recipe"
+            ) from None
         except (OSError, UnicodeDecodeError) as exc:
-            raise MergeError(f"recipe file '{path}' cannot be read: {exc}", None) from None
+            raise MergeError(
+                f"recipe file '{path}' cannot be read: {exc}",
+                "the recipe must be a readable UTF-8 text file",
+            ) from None
         name = str(path)
     else:
         text = str(recipe)
@@ -222,7 +233,9 @@ def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
     for key in ("models", "slices"):
         value = getattr(raw, key)
         if value is not None and not value:
-            problems.append(MergeError(f"{where((key,))}: '{key}' is empty", None))
+            problems.append(
+                MergeError(f"{where((key,))}: '{key}' is empty", "list at least one entry")
+            )
     if raw.tokenizer is not None:
         problems.append(
             MergeError(
@@ -271,7 +284,12 @@ def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
                         )
                     )
             if not s.sources:
-                problems.append(MergeError(f"{where(('slices', si))}: slice has no sources", None))
+                problems.append(
+                    MergeError(
+                        f"{where(('slices', si))}: slice has no sources",
+                        "add '- model: PATH' with a layer_range under 'sources:'",
+                    )
+                )
             slice_base = ref(s.base_model, ("slices", si, "base_model")) if s.base_model else None
             specs.append(
                 SliceSpec(
@@ -311,12 +329,34 @@ def _describe(err: Any, where: Any, data: Any) -> MergeError:
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
         return MergeError(f"{where(loc)}: unknown key '{dotted}'", hint)
     if kind == "missing":
-        return MergeError(f"{where(loc[:-1])}: missing required key '{dotted}'", None)
+        return MergeError(
+            f"{where(loc[:-1])}: missing required key '{dotted}'",
+            _TYPE_HINTS.get(str(loc[-1]), "see the recipe format in the README"),
+        )
     value = _lookup(data, loc)
     shown = repr(value)
     if len(shown) > 60:
         shown = shown[:57] + "..."
-    return MergeError(f"{where(loc)}: '{dotted}' = {shown}: {err['msg']}", None)
+    field = str(next((p for p in reversed(loc) if isinstance(p, str)), ""))
+    return MergeError(
+        f"{where(loc)}: '{dotted}' = {shown}: {err['msg']}",
+        _TYPE_HINTS.get(field, "see the recipe format in the README (mergekit's YAML)"),
+    )
+
+
+_TYPE_HINTS = {
+    "model": "a model is a folder path or a hub id such as org/name; quote it if it looks "
+    "like a number",
+    "base_model": "a folder path or a hub id such as org/name",
+    "dtype": "use float32, float16 or bfloat16",
+    "out_dtype": "use float32, float16 or bfloat16",
+    "layer_range": "two layer numbers [first, end) such as [0, 16]",
+    "merge_method": "run 'mergesmith methods' for the list",
+    "parameters": "a mapping of parameter names to values",
+    "models": "a list of '- model: PATH' entries",
+    "slices": "a list of '- sources: [...]' entries",
+    "sources": "a list of '- model: PATH, layer_range: [a, b]' entries",
+}
 
 
 def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:

@@ -158,7 +158,9 @@ class _Planner:
                         "move it to the top-level 'parameters:'",
                     )
                 elif value is None and None not in (spec.choices or ()):
-                    self.problem(f"{where}: parameter '{key}' has no value", None)
+                    self.problem(
+                        f"{where}: parameter '{key}' has no value", "give it a value or remove it"
+                    )
 
     # -- groups ----------------------------------------------------------------------------
     def groups(self, method: MergeMethod) -> list[_Group]:
@@ -209,7 +211,7 @@ class _Planner:
                 self.problem(
                     f"{r.where('slices', si)}: the sources of a slice must have the same number "
                     f"of layers, got {sorted(lengths)}",
-                    None,
+                    "give every source of the slice a layer_range of the same length",
                 )
             groups.append(
                 _Group(list(spec.sources), base, spec.parameters, spec.where, ("slices", si))
@@ -266,7 +268,7 @@ class _Planner:
             self.problem(
                 f"{group.where}: {method.name} takes {expected} model(s){extra}, "
                 f"got {len(members)}",
-                None,
+                "run 'mergesmith methods' to see what each method takes",
             )
             return layer_out
         reference = base_entry or members[0]
@@ -364,7 +366,7 @@ class _Planner:
                 self.problem(
                     f"tensor '{name}' is {meta.dtype} in '{entry.ref.text}' but "
                     f"{ref_meta.dtype} in '{reference.ref.text}'",
-                    None,
+                    "merge only checkpoints of the same architecture",
                 )
                 return
             inputs.append(TensorInput(entry.ref.text, name, crop))
@@ -496,7 +498,7 @@ class _Planner:
             self.problem(
                 f"{self.recipe.source_name}: parameter '{spec.name}'{whose}: {bad} "
                 f"(first at tensor '{tensor}')",
-                None,
+                f"change '{spec.name}' ({spec.help}); 'mergesmith methods' lists the parameters",
                 key=f"value:{spec.name}:{model}:{bad}",
             )
             return spec.default if not spec.required else value
@@ -523,7 +525,10 @@ def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0
     names = [job.name for job in planner.jobs]
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
-        planner.problem(f"two output tensors would both be named '{dupes[0]}'", None)
+        planner.problem(
+            f"two output tensors would both be named '{dupes[0]}'",
+            "check that the slices do not produce the same tensor twice",
+        )
     if planner.problems:
         raise MergeErrors(planner.problems)
     planner.warnings.extend(_dropped_tensor_warnings(recipe, sources, planner.jobs))

@@ -30,5 +30,5 @@ def parse_size(text: str | int, what: str) -> int:
             raise MergeError(f"{what}: '{text}' is not a size", "write it like 5GB, 500MB or 2GiB")
         value = int(float(match.group(1)) * _UNITS[unit])
     if value <= 0:
-        raise MergeError(f"{what}: '{text}' must be positive", None)
+        raise MergeError(f"{what}: '{text}' must be positive", "write it like 5GB or 500MB")
     return value

@@ -31,44 +31,88 @@ def load_with_positions(text: str, source: str) -> tuple[Any, dict[Path, int]]:
             "check indentation and that every list item starts with '- '",
         ) from None
     except yaml.YAMLError as exc:
-        raise MergeError(f"{source}: YAML syntax error: {exc}", None) from None
+        raise MergeError(
+            f"{source}: YAML syntax error: {exc}", "check the recipe is valid YAML"
+        ) from None
+    except RecursionError:
+        # PyYAML composes recursively; thousands of nested brackets exhaust the stack.
+        raise MergeError(
+            f"{source}: the recipe is nested too deeply to read", "a recipe needs a few levels"
+        ) from None
     if node is None:
         raise MergeError(f"{source}: the recipe is empty", "start with 'merge_method: ties'")
     lines: dict[Path, int] = {}
-    data = _convert(node, (), lines, source)
+    data = _Converter(source, lines).convert(node, ())
     return data, lines
 
 
-def _convert(node: yaml.Node, path: Path, lines: dict[Path, int], source: str) -> Any:
-    lines.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        out: dict[Any, Any] = {}
+# A recipe is a few hundred values; these bounds stop hostile YAML (alias bombs, cycles,
+# thousands of nested brackets) long before it costs time or memory.
+MAX_DEPTH = 32
+MAX_NODES = 200_000
+
+
+class _Converter:
+    def __init__(self, source: str, lines: dict[Path, int]) -> None:
+        self.source = source
+        self.lines = lines
+        self.nodes = 0
+        self.open: set[int] = set()  # nodes being converted: an alias to one is a cycle
+
+    def fail(self, node: yaml.Node, problem: str, hint: str | None = None) -> MergeError:
+        return MergeError(f"{self.source}:{node.start_mark.line + 1}: {problem}", hint)
+
+    def convert(self, node: yaml.Node, path: Path) -> Any:
+        self.nodes += 1
+        if self.nodes > MAX_NODES:
+            raise self.fail(node, "the recipe expands to too many values (an alias bomb?)")
+        if len(path) > MAX_DEPTH:
+            raise self.fail(node, f"the recipe is nested more than {MAX_DEPTH} levels deep")
+        if id(node) in self.open:
+            raise self.fail(node, "an alias refers to a node that contains it", "remove the loop")
+        self.lines.setdefault(path, node.start_mark.line + 1)
+        if isinstance(node, yaml.ScalarNode):
+            return self.scalar(node)
+        self.open.add(id(node))
+        try:
+            if isinstance(node, yaml.MappingNode):
+                return self.mapping(node, path)
+            return [self.convert(item, (*path, i)) for i, item in enumerate(node.value)]
+        finally:
+            self.open.discard(id(node))
+
+    def mapping(self, node: yaml.MappingNode, path: Path) -> dict[str, Any]:
+        out: dict[str, Any] = {}
         for key_node, value_node in node.value:
-            key = _scalar(key_node)
-            if not isinstance(key, str):
-                key = str(key)
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                raise self.fail(
+                    key_node, "YAML merge keys ('<<') are not supported", "write the keys out"
+                )
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise self.fail(key_node, "a key must be a plain name, not a list or mapping")
+            key = self.scalar(key_node)
+            key = key if isinstance(key, str) else str(key)
             if key in out:
-                raise MergeError(
-                    f"{source}:{key_node.start_mark.line + 1}: key '{key}' appears twice",
+                raise self.fail(
+                    key_node,
+                    f"key '{key}' appears twice",
                     "keep one of them: YAML would silently use the last",
                 )
             child = (*path, key)
-            lines[child] = key_node.start_mark.line + 1
-            out[key] = _convert(value_node, child, lines, source)
+            self.lines[child] = key_node.start_mark.line + 1
+            out[key] = self.convert(value_node, child)
         return out
-    if isinstance(node, yaml.SequenceNode):
-        return [_convert(item, (*path, i), lines, source) for i, item in enumerate(node.value)]
-    return _scalar(node)
 
-
-def _scalar(node: yaml.Node) -> Any:
-    if not isinstance(node, yaml.ScalarNode):
-        return None
-    constructor = yaml.SafeLoader(node.value if isinstance(node.value, str) else "")
-    try:
-        return constructor.construct_object(node, deep=True)
-    finally:
-        constructor.dispose()
+    def scalar(self, node: yaml.ScalarNode) -> Any:
+        constructor = yaml.SafeLoader("")
+        try:
+            return constructor.construct_object(node, deep=True)
+        except (yaml.YAMLError, ValueError, OverflowError) as exc:
+            # e.g. an integer longer than Python converts, or a malformed timestamp.
+            reason = str(exc).splitlines()[0][:120]
+            raise self.fail(node, f"value cannot be read ({reason})") from None
+        finally:
+            constructor.dispose()
 
 
 def line_of(lines: dict[Path, int], path: Path) -> int | None:

@@ -34,10 +34,24 @@ def verify(folder: Path, layout: OutputLayout) -> None:
     for shard in layout.shards:
         path = folder / shard.file_name
         if path.stat().st_size != shard.size:
-            raise MergeError(f"{path}: written size differs from the plan", None)
+            raise MergeError(
+                f"{path}: written size differs from the plan", "run again with --resume"
+            )
         header, _ = read_header(path)
         if sorted(header) != sorted(shard.tensor_names):
-            raise MergeError(f"{path}: header does not list the planned tensors", None)
+            raise MergeError(
+                f"{path}: header does not list the planned tensors", "run again with --resume"
+            )
+
+
+def strip_to_resumable(staging: Path, layout: OutputLayout, journal_name: str) -> None:
+    """After a failure keep only what --resume uses (shards and journal): no config.json or
+    model card, so even the hidden folder cannot pass for a model."""
+    keep = {shard.file_name for shard in layout.shards} | {journal_name}
+    if staging.is_dir():
+        for path in staging.iterdir():
+            if path.name not in keep and path.is_file():
+                path.unlink(missing_ok=True)
 
 
 def publish(staging: Path, out: Path, overwrite: bool) -> None:

@@ -54,6 +54,11 @@ class Journal:
         self._fh.flush()
 
     def reopen(self) -> None:
+        # A kill can cut the last line short; drop that fragment so new lines start clean.
+        data = self.path.read_bytes()
+        if data and not data.endswith(b"\n"):
+            with open(self.path, "r+b") as fh:
+                fh.truncate(data.rfind(b"\n") + 1)
         self._fh = open(self.path, "a", encoding="utf-8")  # noqa: SIM115
 
     def record(self, name: str, crc: int) -> None:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from mergesmith.dtypes import CONFIG_NAME
+from mergesmith.output.writer import NO_SPACE
 from mergesmith.plan import Plan
 from mergesmith.sources.base import ModelSource
 
@@ -46,7 +49,7 @@ def write_config(plan: Plan, sources: dict[str, ModelSource], folder: Path) -> N
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in config:
                 config[key] = plan.num_layers
-    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+    write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
 
 
 def copy_tokenizer(plan: Plan, sources: dict[str, ModelSource], folder: Path) -> list[str]:
@@ -56,14 +59,15 @@ def copy_tokenizer(plan: Plan, sources: dict[str, ModelSource], folder: Path) ->
         for name in TOKENIZER_FILES:
             path = source.folder / name
             if path.is_file():
-                shutil.copyfile(path, folder / name)
+                with _naming(folder / name):
+                    shutil.copyfile(path, folder / name)
                 copied.append(name)
     template = plan.recipe.chat_template
     if template:
         config_path = folder / "tokenizer_config.json"
         config = json.loads(config_path.read_text()) if config_path.is_file() else {}
         config["chat_template"] = template
-        config_path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+        write_text(config_path, json.dumps(config, indent=2) + "\n")
     return copied
 
 
@@ -96,5 +100,22 @@ def write_card(plan: Plan, folder: Path) -> None:
         "```",
         "",
     ]
-    (folder / "README.md").write_text("\n".join(lines), encoding="utf-8")
-    (folder / RECIPE_FILE).write_text(recipe.text, encoding="utf-8")
+    write_text(folder / "README.md", "\n".join(lines))
+    write_text(folder / RECIPE_FILE, recipe.text)
+
+
+@contextmanager
+def _naming(path: Path) -> Iterator[None]:
+    """A full disk while writing `path` is reported as `path`: the error itself may name no
+    file, or (copyfile) the source being read."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None or exc.errno in NO_SPACE:
+            raise OSError(exc.errno, exc.strerror, str(path)) from None
+        raise
+
+
+def write_text(path: Path, text: str) -> None:
+    with _naming(path):
+        path.write_text(text, encoding="utf-8")

@@ -36,7 +36,10 @@ def open_model(ref: str, path: str, revision: str | None = None) -> ModelSource:
     folder = Path(path).expanduser()
     if folder.exists():
         if revision is not None:
-            raise MergeError(f"model '{ref}': a local folder cannot have an @revision", None)
+            raise MergeError(
+                f"model '{ref}': a local folder cannot have an @revision",
+                "drop the @revision, or use a hub id",
+            )
         return _open_folder(ref, folder)
     if _looks_like_hub_id(path):
         return _open_folder(ref, _fetch_from_hub(ref, path, revision))
@@ -61,11 +64,15 @@ def _open_folder(ref: str, folder: Path) -> ModelSource:
     from mergesmith.sources.safetensors_file import SafetensorsSource
 
     if not folder.is_dir():
-        raise MergeError(f"model '{ref}': {folder} is a file, not a model folder", None)
+        raise MergeError(
+            f"model '{ref}': {folder} is a file, not a model folder",
+            f"point the recipe at the folder that holds it ({folder.parent})",
+        )
     if not os.access(folder, os.R_OK | os.X_OK):
         raise MergeError(f"model '{ref}': folder {folder} is not readable", "check its permissions")
     for name, kind in WEIGHT_LAYOUTS:
         candidate = folder / name
+        _refuse_broken_link(ref, candidate)
         if not candidate.is_file():
             continue
         files = _shards(ref, candidate) if name.endswith(".index.json") else [candidate]
@@ -92,6 +99,7 @@ def _shards(ref: str, index_path: Path) -> list[Path]:
     files = []
     for name in names:
         shard = index_path.parent / name
+        _refuse_broken_link(ref, shard)
         if not shard.is_file():
             raise MergeError(
                 f"{index_path}: lists shard '{name}', which is missing from {index_path.parent}",
@@ -101,13 +109,24 @@ def _shards(ref: str, index_path: Path) -> list[Path]:
     return files
 
 
+def _refuse_broken_link(ref: str, path: Path) -> None:
+    """A weights file that is a link to nothing (a cleaned hub cache, say) is named as such."""
+    if path.is_symlink() and not path.exists():
+        raise MergeError(
+            f"model '{ref}': {path} is a link to {path.readlink()}, which does not exist",
+            "download the model again, or fix the link",
+        )
+
+
 def _fetch_from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
     """Fetch only what a merge needs: side files, the index, and the shards it names."""
     try:
         from huggingface_hub import hf_hub_download
         from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
     except ImportError:  # pragma: no cover - huggingface_hub is a dependency
-        raise MergeError(f"model '{ref}': huggingface_hub is not installed", None) from None
+        raise MergeError(
+            f"model '{ref}': huggingface_hub is not installed", "pip install huggingface_hub"
+        ) from None
 
     def fetch(filename: str) -> Path | None:
         try:
@@ -134,7 +153,7 @@ def _fetch_from_hub(ref: str, repo_id: str, revision: str | None) -> Path:
                 if fetch(shard) is None:
                     raise MergeError(
                         f"model '{ref}': index lists shard '{shard}' that the hub does not have",
-                        None,
+                        "the repository is incomplete at this revision; try another revision",
                     )
         break
     if folder is None:

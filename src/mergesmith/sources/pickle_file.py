@@ -32,7 +32,7 @@ def load_state_dict(path: Path) -> dict[str, Any]:
             "weights_only=False",
         ) from None
     except FileNotFoundError:
-        raise MergeError(f"{path}: file not found", None) from None
+        raise MergeError(f"{path}: file not found", "download the model again") from None
     except PermissionError:
         raise MergeError(f"{path}: permission denied", "make the file readable") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile) as exc:
@@ -43,7 +43,10 @@ def load_state_dict(path: Path) -> dict[str, Any]:
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise MergeError(f"{path}: does not hold a dict of tensors", None)
+        raise MergeError(
+            f"{path}: does not hold a dict of tensors",
+            "use the model's weights file (a state dict)",
+        )
     return state
 
 

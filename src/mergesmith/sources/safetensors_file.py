@@ -36,9 +36,13 @@ def read_header(path: Path) -> tuple[dict[str, dict], int]:
     except PermissionError:
         raise MergeError(f"{path}: permission denied", "make the file readable") from None
     except IsADirectoryError:
-        raise MergeError(f"{path}: is a folder, not a safetensors file", None) from None
+        raise MergeError(
+            f"{path}: is a folder, not a safetensors file", "remove the folder or fix the index"
+        ) from None
     except OSError as exc:
-        raise MergeError(f"{path}: cannot be read ({exc.strerror})", None) from None
+        raise MergeError(
+            f"{path}: cannot be read ({exc.strerror})", "check the disk and the file's permissions"
+        ) from None
     try:
         header = json.loads(raw)
     except ValueError:
