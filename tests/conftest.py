@@ -58,3 +58,15 @@ def run_method(
     return method.run(
         MethodInputs(base, models, full, filled, seeds if seeds is not None else [0] * len(models))
     )
+
+
+def folder_bytes(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def assert_identical(got: Path, expected: Path, what: str = "the expected output") -> None:
+    """Same file names and the same bytes in every file."""
+    got_files, expected_files = folder_bytes(got), folder_bytes(expected)
+    assert sorted(got_files) == sorted(expected_files)
+    for name, data in expected_files.items():
+        assert got_files[name] == data, f"{name} differs from {what}"

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from mergesmith import merge
 from mergesmith.toymodels import save_model
-from tests.conftest import run_cli, write_recipe
+from tests.conftest import assert_identical, run_cli, write_recipe
 
 Family = tuple[Path, list[Path]]
 RANDOM_METHODS = ["dare_ties", "dare_linear", "della", "della_linear"]
@@ -34,17 +34,6 @@ def recipe_text(method: str) -> str:
         f"  - model: finetune1\n    parameters: {{weight: 0.6, density: 0.5{epsilon}}}\n"
         f"  - model: finetune2\n    parameters: {{weight: 0.4, density: [0.3, 0.8]{epsilon}}}\n"
     )
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def assert_identical(got: Path, expected: Path) -> None:
-    got_files, expected_files = folder_bytes(got), folder_bytes(expected)
-    assert sorted(got_files) == sorted(expected_files)
-    for name, data in expected_files.items():
-        assert got_files[name] == data, f"{name} differs"
 
 
 def restore(folder: Path, source: Path, fmt: str, shards: int, order_seed: int) -> None:

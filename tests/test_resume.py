@@ -16,7 +16,7 @@ import pytest
 
 from mergesmith import merge
 from mergesmith.errors import MergeError
-from tests.conftest import run_cli, write_recipe
+from tests.conftest import assert_identical, run_cli, write_recipe
 from tests.test_fail_interrupt import (
     SLOW_TENSORS,
     della_recipe,
@@ -29,17 +29,6 @@ from tests.test_fail_interrupt import (
 
 Family = tuple[Path, list[Path]]
 RESUMING = re.compile(r"resuming: (\d+) of (\d+) tensors already done and intact")
-
-
-def folder_bytes(folder: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
-
-
-def assert_identical(got: Path, expected: Path) -> None:
-    got_files, expected_files = folder_bytes(got), folder_bytes(expected)
-    assert sorted(got_files) == sorted(expected_files)
-    for name, data in expected_files.items():
-        assert got_files[name] == data, f"{name} differs from the uninterrupted run"
 
 
 def resumed_count(stderr: str) -> int:
@@ -100,7 +89,7 @@ def test_resume_reuses_finished_tensors_and_matches_an_uninterrupted_run(
     result = run_cli("run", interrupted["recipe"], out, "--resume")
     assert result.returncode == 0, result.stderr
     assert resumed_count(result.stderr) == len(done_before) > 0
-    assert_identical(out, interrupted["reference"])
+    assert_identical(out, interrupted["reference"], "the uninterrupted run")
     assert not partial_of(out).exists()
 
 
@@ -120,7 +109,7 @@ def test_a_corrupted_journaled_tensor_is_recomputed_and_the_result_still_matches
     result = run_cli("run", interrupted["recipe"], out, "--resume")
     assert result.returncode == 0, result.stderr
     assert resumed_count(result.stderr) == len(set(done_before)) - 1
-    assert_identical(out, interrupted["reference"])
+    assert_identical(out, interrupted["reference"], "the uninterrupted run")
 
 
 def test_a_journal_line_cut_short_by_a_kill_does_not_spoil_the_resume(
@@ -135,7 +124,7 @@ def test_a_journal_line_cut_short_by_a_kill_does_not_spoil_the_resume(
     result = run_cli("run", interrupted["recipe"], out, "--resume")
     assert result.returncode == 0, result.stderr
     assert resumed_count(result.stderr) == len(done_before)
-    assert_identical(out, interrupted["reference"])
+    assert_identical(out, interrupted["reference"], "the uninterrupted run")
 
 
 def test_resume_with_a_changed_recipe_or_seed_is_refused_and_keeps_the_partial(
@@ -180,7 +169,7 @@ def test_resume_with_no_partial_folder_just_merges(family: Family, tmp_path: Pat
     assert result.returncode == 0, result.stderr
     assert "resuming" not in result.stderr and "error" not in result.stderr
     merge(recipe, tmp_path / "plain", seed=3)
-    assert_identical(out, tmp_path / "plain")
+    assert_identical(out, tmp_path / "plain", "the uninterrupted run")
     assert not partial_of(out).exists()
 
 

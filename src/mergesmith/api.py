@@ -71,9 +71,10 @@ def merge(
     """Merge the models a mergekit-style recipe names into a Hugging Face folder at `out_dir`.
 
     `recipe` is a YAML file path, YAML text, or a parsed dict. Work happens in a hidden
-    `.NAME.partial` folder beside `out_dir`, renamed into place only when every tensor has been
-    written and read back intact. After an interruption that folder stays, and `resume=True`
-    reuses its finished tensors; the result is byte-identical to an uninterrupted run.
+    `.NAME.partial` folder beside `out_dir`, renamed into place only when every tensor is
+    journaled as written and every shard's header and size match the plan. After an
+    interruption that folder keeps its shards and journal, and `resume=True` reuses the tensors
+    whose checksums still match; the result is byte-identical to an uninterrupted run.
     """
     from mergesmith.engine import EngineOptions, run_jobs
     from mergesmith.output import finish, journal, metadata
