@@ -131,7 +131,8 @@ def run_jobs(
             pool.shutdown(wait=True, cancel_futures=True)
             raise
         pool.shutdown(wait=True)
-        # The first failure in plan order, so the same bad input gives the same message.
+        # The first failure in submission order (a fixed sort), so the same bad input gives the
+        # same message on every run.
         for future in futures:
             error = future.exception()
             if error is not None:

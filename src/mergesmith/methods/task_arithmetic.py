@@ -26,6 +26,7 @@ from mergesmith.methods.registry import (
 from mergesmith.ops import float_masks as fm
 from mergesmith.ops import sparsify as sp
 from mergesmith.ops.blocks import BLOCK, block_generator, block_ranges
+from mergesmith.ops.consensus import disjoint_merge
 from mergesmith.ops.rank_cut import (
     Cut,
     CutRequest,
@@ -160,7 +161,7 @@ def merge_task_vectors(
             d.mul_(weight_list[i])
             weighted.append(d)
         if consensus is not None:
-            mixed, divisor = _disjoint(weighted, weight_list, consensus)
+            mixed, divisor = disjoint_merge(weighted, weight_list, consensus)
         else:
             mixed = weighted[0]
             for w in weighted[1:]:
@@ -198,35 +199,6 @@ def _select(
         find_cuts([r for _, r in wanted], n, block, lambda s, e: base[s:e].float())
         for plan, request in wanted:
             plan.take_cuts(request, n)
-
-
-def _disjoint(
-    weighted: list[torch.Tensor], weights: list[float], method: str
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sign election and the disjoint sum; the divisor is the sum of agreeing weights.
-
-    Float masks throughout (see ops.float_masks): the same values as bool masks, much faster.
-    """
-    if method == "sum":
-        total = weighted[0].clone()
-        for w in weighted[1:]:
-            total.add_(w)
-    else:
-        total = torch.sign(weighted[0])
-        for w in weighted[1:]:
-            total.add_(torch.sign(w))
-    elected = fm.elected_sign(total)
-    mixed = divisor = None
-    for w, weight in zip(weighted, weights, strict=True):
-        # sign(0) = 0 never equals +-1, so exact zeros never agree.
-        agree = torch.sign(w).eq_(elected)
-        w.mul_(agree)
-        if mixed is None:
-            mixed, divisor = w, agree.mul_(weight)
-        else:
-            mixed.add_(w)
-            divisor.add_(agree.mul_(weight))
-    return mixed, fm.nonzero_to_one(divisor)
 
 
 def _below_in_float32(value: float) -> float:
