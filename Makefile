@@ -6,7 +6,8 @@ STAMP := $(VENV)/.installed
 
 .PHONY: venv demo test lint format bench quality clean
 
-$(STAMP): pyproject.toml
+# setup.py builds the C kernels: editing them reinstalls (and so recompiles).
+$(STAMP): pyproject.toml setup.py src/mergesmith/native/kernels.c
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build first: an unpinned torch would pull a multi-GB CUDA build.
@@ -25,7 +26,7 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples
 	$(VENV)/bin/ruff format --check src tests bench examples
-	$(PY) -m pytest -q
+	MERGESMITH_REQUIRE_KERNELS=1 $(PY) -m pytest -q
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check src tests bench examples

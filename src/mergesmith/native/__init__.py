@@ -1,0 +1,290 @@
+"""The fused C kernels (kernels.c), loaded through ctypes, and when to use them.
+
+They are built by `pip install` as an optional extension. Where the build was skipped (no C
+compiler), is stale, or the tensors are not on the CPU in a dtype they read, the torch code runs
+instead: both give the same bytes. `MERGESMITH_KERNELS=torch` forces the torch code, for
+comparisons and for bisecting a suspected kernel bug.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from functools import cache
+
+import torch
+
+ABI = 2  # must match MS_ABI in kernels.c
+
+_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+TRIM_KEEP_ALL, TRIM_TIMES_ZERO, TRIM_SHRINK, TRIM_MASK, TRIM_GIVEN = 0, 1, 2, 3, 4
+SMALL_NONE, SMALL_SHRINK, SMALL_ZEROS = 0, 1, 2
+CONSENSUS = {None: 0, "sum": 1, "count": 2}
+
+
+class Trim(ctypes.Structure):
+    """How one model's delta is cut in one block; mirrors `Trim` in kernels.c."""
+
+    _fields_ = [
+        ("mode", ctypes.c_int32),
+        ("has_large", ctypes.c_int32),
+        ("large", ctypes.c_float),
+        ("small_mode", ctypes.c_int32),
+        ("small", ctypes.c_float),
+        ("descending", ctypes.c_int32),
+        ("has_lower", ctypes.c_int32),
+        ("lower_key", ctypes.c_float),
+        ("lower_index", ctypes.c_int64),
+        ("has_upper", ctypes.c_int32),
+        ("upper_key", ctypes.c_float),
+        ("upper_index", ctypes.c_int64),
+        ("has_factor", ctypes.c_int32),
+        ("factor", ctypes.c_float),
+        ("weight", ctypes.c_float),
+        ("keep", ctypes.c_void_p),
+    ]
+
+
+class KernelError(RuntimeError):
+    """A kernel could not run (out of memory for its scratch)."""
+
+
+_switched_off = False
+
+
+@contextmanager
+def torch_only() -> Iterator[None]:
+    """Run the torch code inside this block (tests compare the two paths with it)."""
+    global _switched_off
+    before, _switched_off = _switched_off, True
+    try:
+        yield
+    finally:
+        _switched_off = before
+
+
+def _library() -> ctypes.CDLL | None:
+    return None if _switched_off else _load()
+
+
+@cache
+def _load() -> ctypes.CDLL | None:
+    if os.environ.get("MERGESMITH_KERNELS", "").lower() == "torch":
+        return None
+    spec = importlib.util.find_spec("mergesmith.native._kernels")
+    if spec is None or spec.origin is None:
+        return None
+    try:
+        lib = ctypes.CDLL(spec.origin)
+    except OSError:
+        return None
+    lib.ms_abi.restype = ctypes.c_int
+    if lib.ms_abi() != ABI:
+        return None  # built from an older kernels.c: `pip install -e .` rebuilds it
+    lib.ms_has_f16.restype = ctypes.c_int
+    p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
+    lib.ms_family_block.argtypes = [
+        p, i32, p, p, i32, p, i64, i64, i32, i32, f32, i32, f32, p, i32, p,
+    ]  # fmt: skip
+    lib.ms_family_block.restype = ctypes.c_int
+    lib.ms_linear_block.argtypes = [p, p, p, i32, i64, i64, i32, f32, p, i32, p]
+    lib.ms_linear_block.restype = ctypes.c_int
+    lib.ms_bracket_sweep.argtypes = [p, i32, p, i32, i64, i32, f32, f32, p, p, p, i64, p]
+    lib.ms_bracket_sweep.restype = ctypes.c_int
+    lib.ms_sample_keys.argtypes = [p, i32, p, i32, i64, i32, i64, p]
+    lib.ms_sample_keys.restype = None
+    lib.ms_locate_equal.argtypes = [p, i32, p, i32, i64, i32, f32, i64]
+    lib.ms_locate_equal.restype = ctypes.c_int64
+    return lib
+
+
+def available() -> bool:
+    """Whether the C kernels are built, current and not switched off."""
+    return _library() is not None
+
+
+def handles(*tensors: torch.Tensor | None) -> bool:
+    """Whether the kernels can read (and write) these tensors: contiguous, on the CPU, in a
+    dtype they know."""
+    lib = _library()
+    if lib is None:
+        return False
+    for t in tensors:
+        if t is None:
+            continue
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _DTYPES:
+            return False
+        if t.dtype == torch.float16 and not lib.ms_has_f16():
+            return False
+    return True
+
+
+def _pointers(tensors: Sequence[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
+    pointers = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
+    dtypes = (ctypes.c_int32 * len(tensors))(*(_DTYPES[t.dtype] for t in tensors))
+    return pointers, dtypes
+
+
+def family_block(
+    base: torch.Tensor,
+    models: Sequence[torch.Tensor],
+    trims: Sequence[Trim],
+    start: int,
+    end: int,
+    *,
+    consensus: str | None,
+    normalize: bool,
+    plain_divisor: float,
+    lambda_: float,
+    out: torch.Tensor,
+    check_finite: bool,
+) -> bool:
+    """One block of the task-vector family into `out` (flat); returns False when a combined
+    value was NaN or infinite (only looked for when `check_finite`)."""
+    lib = _library()
+    assert lib is not None
+    pointers, dtypes = _pointers(models)
+    trim_array = (Trim * len(trims))(*trims)
+    nonfinite = ctypes.c_int32(0)
+    status = lib.ms_family_block(
+        base.data_ptr(),
+        _DTYPES[base.dtype],
+        pointers,
+        dtypes,
+        len(models),
+        trim_array,
+        start,
+        end - start,
+        CONSENSUS[consensus],
+        int(normalize),
+        plain_divisor,
+        int(lambda_ != 1),
+        lambda_,
+        out.data_ptr(),
+        _DTYPES[out.dtype],
+        ctypes.byref(nonfinite) if check_finite else None,
+    )
+    if status != 0:
+        raise KernelError("no memory for the kernel's scratch buffers")
+    return not nonfinite.value
+
+
+def linear_block(
+    models: Sequence[torch.Tensor],
+    weights: Sequence[float],
+    start: int,
+    end: int,
+    *,
+    normalize: bool,
+    total: float,
+    out: torch.Tensor,
+    check_finite: bool,
+) -> bool:
+    """One block of the weighted sum into `out` (flat); False when a sum was not finite."""
+    lib = _library()
+    assert lib is not None
+    pointers, dtypes = _pointers(models)
+    weight_array = (ctypes.c_float * len(weights))(*weights)
+    nonfinite = ctypes.c_int32(0)
+    status = lib.ms_linear_block(
+        pointers,
+        dtypes,
+        weight_array,
+        len(models),
+        start,
+        end - start,
+        int(normalize),
+        total,
+        out.data_ptr(),
+        _DTYPES[out.dtype],
+        ctypes.byref(nonfinite) if check_finite else None,
+    )
+    if status != 0:
+        raise KernelError("no memory for the kernel's scratch buffers")
+    return not nonfinite.value
+
+
+def bracket_sweep(
+    base: torch.Tensor,
+    model: torch.Tensor,
+    descending: bool,
+    lo: float,
+    hi: float,
+) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+    """Over all of |model - base| (negated when descending): counts below lo, equal to lo and
+    equal to hi, and the keys strictly between with their flat indices, in index order. None
+    when a key is NaN (the keys have no order)."""
+    lib = _library()
+    assert lib is not None
+    n = base.numel()
+    capacity = min(n, max(4096, n // 32))
+    tally = (ctypes.c_int64 * 3)()
+    found = ctypes.c_int64(0)
+    while True:
+        values = torch.empty(capacity + 1, dtype=torch.float32)
+        indices = torch.empty(capacity + 1, dtype=torch.int64)
+        status = lib.ms_bracket_sweep(
+            base.data_ptr(),
+            _DTYPES[base.dtype],
+            model.data_ptr(),
+            _DTYPES[model.dtype],
+            n,
+            int(descending),
+            lo,
+            hi,
+            tally,
+            values.data_ptr(),
+            indices.data_ptr(),
+            capacity,
+            ctypes.byref(found),
+        )
+        if status != 0:
+            return None
+        if found.value <= capacity:
+            return list(tally), values[: found.value], indices[: found.value]
+        capacity = found.value
+
+
+def locate_equal(
+    base: torch.Tensor, model: torch.Tensor, descending: bool, key: float, among: int
+) -> int:
+    """The flat index of the `among`-th entry (from 0) whose key equals `key`; -1 if none."""
+    lib = _library()
+    assert lib is not None
+    return int(
+        lib.ms_locate_equal(
+            base.data_ptr(),
+            _DTYPES[base.dtype],
+            model.data_ptr(),
+            _DTYPES[model.dtype],
+            base.numel(),
+            int(descending),
+            key,
+            among,
+        )
+    )
+
+
+def sample_keys(
+    base: torch.Tensor, model: torch.Tensor, descending: bool, size: int
+) -> torch.Tensor:
+    """The keys at min(n, size) evenly spaced positions (those of rank_cut.sample_positions)."""
+    lib = _library()
+    assert lib is not None
+    count = min(base.numel(), size)
+    sample = torch.empty(count, dtype=torch.float32)
+    lib.ms_sample_keys(
+        base.data_ptr(),
+        _DTYPES[base.dtype],
+        model.data_ptr(),
+        _DTYPES[model.dtype],
+        base.numel(),
+        int(descending),
+        count,
+        sample.data_ptr(),
+    )
+    return sample

@@ -1,0 +1,413 @@
+/*
+ * Fused CPU kernels for the merge hot loops, called through ctypes (which releases the GIL, so
+ * worker threads run them in parallel).
+ *
+ * Each kernel reproduces, operation for operation, the float32 arithmetic of the torch code it
+ * replaces (mergesmith.methods.task_arithmetic, methods.linear, ops.rank_cut): the same
+ * operations in the same order, each rounded to float32, no fused multiply-add (built with
+ * -ffp-contract=off). The output bytes are therefore the same on both paths; the test suite
+ * checks this. The gain is that one pass reads each input once and writes the output once,
+ * where the torch code makes a dozen passes over block-sized temporaries.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+/* Bumped whenever a signature or a struct below changes; the loader refuses a stale build. */
+#define MS_ABI 2
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+
+/* Elements converted per step: the float32 scratch of every input stays in L1/L2. */
+#define CHUNK 1024
+
+/* Each kernel is compiled twice, for AVX2-class CPUs (twice the vector width) and for any
+ * x86-64; the loader picks one at run time. Other platforms get one portable build. */
+#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
+#define KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
+#else
+#define KERNEL
+#endif
+#define HELPER static inline __attribute__((always_inline))
+
+#ifdef __FLT16_MAX__
+#define MS_HAVE_F16 1
+#else
+#define MS_HAVE_F16 0
+#endif
+
+static inline float bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+static inline uint32_t float_to_bits(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    return u;
+}
+
+/* dst[i] = float32 value of element (offset + i) of src */
+HELPER void load_f32(const void *src, int dtype, int64_t offset, int64_t count, float *dst) {
+    if (dtype == DT_F32) {
+        memcpy(dst, (const float *)src + offset, (size_t)count * sizeof(float));
+    } else if (dtype == DT_BF16) {
+        const uint16_t *p = (const uint16_t *)src + offset;
+        for (int64_t i = 0; i < count; i++) dst[i] = bits_to_float((uint32_t)p[i] << 16);
+    } else {
+#if MS_HAVE_F16
+        const _Float16 *p = (const _Float16 *)src + offset;
+        for (int64_t i = 0; i < count; i++) dst[i] = (float)p[i];
+#endif
+    }
+}
+
+/* Rounds to nearest even, as torch does; NaN becomes torch's canonical NaN of each type. */
+HELPER void store_from_f32(const float *values, int64_t count, void *dst, int dtype,
+                           int64_t offset) {
+    if (dtype == DT_F32) {
+        memcpy((float *)dst + offset, values, (size_t)count * sizeof(float));
+    } else if (dtype == DT_BF16) {
+        uint16_t *p = (uint16_t *)dst + offset;
+        for (int64_t i = 0; i < count; i++) {
+            uint32_t u = float_to_bits(values[i]);
+            uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+            p[i] = values[i] != values[i] ? (uint16_t)0x7FC0 : rounded;
+        }
+    } else {
+#if MS_HAVE_F16
+        uint16_t *p = (uint16_t *)dst + offset;
+        for (int64_t i = 0; i < count; i++) {
+            _Float16 h = (_Float16)values[i];
+            uint16_t u;
+            memcpy(&u, &h, sizeof u);
+            uint16_t nan = (uint16_t)(((float_to_bits(values[i]) >> 16) & 0x8000u) | 0x7E00u);
+            p[i] = values[i] != values[i] ? nan : u;
+        }
+#endif
+    }
+}
+
+/* torch.sign on float32: NaN gives 0. */
+static inline float sign_of(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
+
+/* ------------------------------------------------------------------ trimming, one model */
+
+enum {
+    TRIM_KEEP_ALL = 0,  /* no sparsifier, or density 1 */
+    TRIM_TIMES_ZERO = 1, /* nothing kept: delta * 0, so NaN stays NaN */
+    TRIM_SHRINK = 2,     /* hardshrink-style cuts, in blocks no tie run is split in */
+    TRIM_MASK = 3,       /* exact (key, index) cuts, in the block where a tie run is split */
+    TRIM_GIVEN = 4,      /* delta * keep[i], a 0/1 mask drawn by torch (DARE, DELLA) */
+};
+
+enum { SMALL_NONE = 0, SMALL_SHRINK = 1, SMALL_ZEROS = 2 };
+
+/* Mirrors ctypes.Structure `Trim` in native/__init__.py, field for field. */
+typedef struct {
+    int32_t mode;
+    int32_t has_large;   /* TRIM_SHRINK: delta = hardshrink(delta, large) */
+    float large;
+    int32_t small_mode;  /* TRIM_SHRINK then: delta - hardshrink(delta, small), or zeros */
+    float small;
+    int32_t descending;  /* TRIM_MASK: key = -|delta| (else |delta|) */
+    int32_t has_lower;   /* keep (key, index) >= (lower_key, lower_index) */
+    float lower_key;
+    int64_t lower_index;
+    int32_t has_upper;   /* keep (key, index) <= (upper_key, upper_index) */
+    float upper_key;
+    int64_t upper_index;
+    int32_t has_factor;  /* rescale */
+    float factor;
+    float weight;
+    const float *keep;   /* TRIM_GIVEN: the block's mask, indexed from the block's start */
+} Trim;
+
+static inline float hardshrink(float x, float limit) {
+    return (x >= -limit && x <= limit) ? 0.0f : x;
+}
+
+HELPER void trim_chunk(const Trim *t, float *restrict d, int64_t first_index, int64_t count,
+                       int64_t into_block) {
+    switch (t->mode) {
+    case TRIM_GIVEN: {
+        const float *restrict keep = t->keep + into_block;
+        for (int64_t i = 0; i < count; i++) d[i] = d[i] * keep[i];
+        break;
+    }
+    case TRIM_KEEP_ALL:
+        break;
+    case TRIM_TIMES_ZERO:
+        for (int64_t i = 0; i < count; i++) d[i] = d[i] * 0.0f;
+        break;
+    case TRIM_SHRINK: {
+        const float large = t->large, small = t->small;
+        if (t->has_large)
+            for (int64_t i = 0; i < count; i++) d[i] = hardshrink(d[i], large);
+        if (t->small_mode == SMALL_SHRINK)
+            for (int64_t i = 0; i < count; i++) d[i] = d[i] - hardshrink(d[i], small);
+        else if (t->small_mode == SMALL_ZEROS)
+            for (int64_t i = 0; i < count; i++) d[i] = 0.0f;
+        break;
+    }
+    case TRIM_MASK: {
+        /* Bitwise, not short-circuit, logic: no data-dependent branches. */
+        const float sign = t->descending ? -1.0f : 1.0f;
+        const int has_lower = t->has_lower, has_upper = t->has_upper;
+        const float lower_key = t->lower_key, upper_key = t->upper_key;
+        const int64_t lower_index = t->lower_index, upper_index = t->upper_index;
+        for (int64_t i = 0; i < count; i++) {
+            float key = sign * fabsf(d[i]);
+            int64_t index = first_index + i;
+            int after = !has_lower | (key > lower_key) | ((key == lower_key) & (index >= lower_index));
+            int before =
+                !has_upper | (key < upper_key) | ((key == upper_key) & (index <= upper_index));
+            float keep = has_lower ? (float)after : 1.0f;
+            if (has_upper) keep = keep * (float)before;
+            d[i] = d[i] * keep;
+        }
+        break;
+    }
+    }
+    const float factor = t->factor, weight = t->weight;
+    if (t->has_factor)
+        for (int64_t i = 0; i < count; i++) d[i] = d[i] * factor;
+    for (int64_t i = 0; i < count; i++) d[i] = d[i] * weight;
+}
+
+/* ------------------------------------------------------------------ the family combine */
+
+/* The deltas that agree with the elected sign, and their weights: stored (first model) or
+ * added (the others). */
+HELPER void agree_into(float *restrict d, const float *restrict elected, float weight,
+                       float *restrict mixed, float *restrict divisor, int64_t n, int add) {
+    if (!add) {
+        for (int64_t i = 0; i < n; i++) {
+            float agree = sign_of(d[i]) == elected[i] ? 1.0f : 0.0f;
+            mixed[i] = d[i] * agree;
+            divisor[i] = agree * weight;
+        }
+    } else {
+        for (int64_t i = 0; i < n; i++) {
+            float agree = sign_of(d[i]) == elected[i] ? 1.0f : 0.0f;
+            mixed[i] = mixed[i] + d[i] * agree;
+            divisor[i] = divisor[i] + agree * weight;
+        }
+    }
+}
+
+/* Whether every value is finite: x - x is 0 for finite x and NaN otherwise. */
+HELPER int all_finite(const float *restrict x, int64_t n) {
+    int ok = 1;
+    for (int64_t i = 0; i < n; i++) ok &= (x[i] - x[i]) == 0.0f;
+    return ok;
+}
+
+enum { CONSENSUS_NONE = 0, CONSENSUS_SUM = 1, CONSENSUS_COUNT = 2 };
+
+/*
+ * One block of merge_task_vectors: out = base + lambda * combine(trim(model_j - base) * w_j).
+ * Returns 0, or -1 when scratch memory cannot be had. *nonfinite is set when a combined value
+ * (before normalising) is NaN or infinite.
+ */
+KERNEL int ms_family_block(const void *base, int32_t base_dtype, const void *const *models,
+                    const int32_t *model_dtypes, int32_t k, const Trim *trims, int64_t start,
+                    int64_t count, int32_t consensus, int32_t normalize, float plain_divisor,
+                    int32_t has_lambda, float lambda, void *out, int32_t out_dtype,
+                    int32_t *nonfinite) {
+    float *scratch = malloc(sizeof(float) * CHUNK * (size_t)(k + 4));
+    if (scratch == NULL) return -1;
+    float *b = scratch;
+    float *mixed = scratch + CHUNK;
+    float *total = scratch + 2 * CHUNK;
+    float *divisor = scratch + 3 * CHUNK;
+    float *deltas = scratch + 4 * CHUNK;
+    for (int64_t at = 0; at < count; at += CHUNK) {
+        int64_t n = count - at < CHUNK ? count - at : CHUNK;
+        int64_t offset = start + at;
+        load_f32(base, base_dtype, offset, n, b);
+        for (int32_t j = 0; j < k; j++) {
+            float *d = deltas + (size_t)j * CHUNK;
+            load_f32(models[j], model_dtypes[j], offset, n, d);
+            for (int64_t i = 0; i < n; i++) d[i] = d[i] - b[i];
+            trim_chunk(&trims[j], d, offset, n, at);
+        }
+        if (consensus == CONSENSUS_NONE) {
+            memcpy(mixed, deltas, sizeof(float) * (size_t)n);
+            for (int32_t j = 1; j < k; j++) {
+                const float *d = deltas + (size_t)j * CHUNK;
+                for (int64_t i = 0; i < n; i++) mixed[i] = mixed[i] + d[i];
+            }
+            for (int64_t i = 0; i < n; i++) divisor[i] = plain_divisor;
+        } else {
+            /* Elect a sign per entry: of the sum (TIES) or of the vote of signs. */
+            for (int64_t i = 0; i < n; i++)
+                total[i] = consensus == CONSENSUS_SUM ? deltas[i] : sign_of(deltas[i]);
+            for (int32_t j = 1; j < k; j++) {
+                const float *d = deltas + (size_t)j * CHUNK;
+                if (consensus == CONSENSUS_SUM)
+                    for (int64_t i = 0; i < n; i++) total[i] = total[i] + d[i];
+                else
+                    for (int64_t i = 0; i < n; i++) total[i] = total[i] + sign_of(d[i]);
+            }
+            for (int64_t i = 0; i < n; i++) total[i] = sign_of(sign_of(total[i]) + 0.5f);
+            /* Only the models that agree with it count, in the sum and in the divisor. */
+            agree_into(deltas, total, trims[0].weight, mixed, divisor, n, 0);
+            for (int32_t j = 1; j < k; j++)
+                agree_into(deltas + (size_t)j * CHUNK, total, trims[j].weight, mixed, divisor,
+                           n, 1);
+            for (int64_t i = 0; i < n; i++)
+                divisor[i] = divisor[i] + (fabsf(divisor[i]) > 0.0f ? 0.0f : 1.0f);
+        }
+        if (nonfinite != NULL && !*nonfinite && !all_finite(mixed, n)) *nonfinite = 1;
+        if (normalize)
+            for (int64_t i = 0; i < n; i++) mixed[i] = mixed[i] / divisor[i];
+        if (has_lambda)
+            for (int64_t i = 0; i < n; i++) mixed[i] = mixed[i] * lambda;
+        for (int64_t i = 0; i < n; i++) mixed[i] = mixed[i] + b[i];
+        store_from_f32(mixed, n, out, out_dtype, offset);
+    }
+    free(scratch);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ linear */
+
+/* One block of methods.linear: sum_j w_j x_j, divided by `total` when normalising. */
+KERNEL int ms_linear_block(const void *const *models, const int32_t *model_dtypes,
+                    const float *weights, int32_t k, int64_t start, int64_t count,
+                    int32_t normalize, float total, void *out, int32_t out_dtype,
+                    int32_t *nonfinite) {
+    float *scratch = malloc(sizeof(float) * CHUNK * 2);
+    if (scratch == NULL) return -1;
+    float *acc = scratch;
+    float *x = scratch + CHUNK;
+    for (int64_t at = 0; at < count; at += CHUNK) {
+        int64_t n = count - at < CHUNK ? count - at : CHUNK;
+        int64_t offset = start + at;
+        load_f32(models[0], model_dtypes[0], offset, n, acc);
+        for (int64_t i = 0; i < n; i++) acc[i] = acc[i] * weights[0];
+        for (int32_t j = 1; j < k; j++) {
+            load_f32(models[j], model_dtypes[j], offset, n, x);
+            for (int64_t i = 0; i < n; i++) acc[i] = acc[i] + x[i] * weights[j];
+        }
+        if (nonfinite != NULL && !*nonfinite && !all_finite(acc, n)) *nonfinite = 1;
+        if (normalize)
+            for (int64_t i = 0; i < n; i++) acc[i] = acc[i] / total;
+        store_from_f32(acc, n, out, out_dtype, offset);
+    }
+    free(scratch);
+    return 0;
+}
+
+/* ------------------------------------------------------------------ rank-cut sweeps */
+
+HELPER void keys_of(const void *base, int32_t base_dtype, const void *model, int32_t model_dtype,
+                    int64_t at, int64_t m, int32_t descending, float *restrict b,
+                    float *restrict keys) {
+    load_f32(base, base_dtype, at, m, b);
+    load_f32(model, model_dtype, at, m, keys);
+    const float sign = descending ? -1.0f : 1.0f;
+    for (int64_t i = 0; i < m; i++) keys[i] = sign * fabsf(keys[i] - b[i]);
+}
+
+/*
+ * Keys are |model - base| (negated when `descending`), as float32. For the bracket [lo, hi]
+ * counts the keys below lo, equal to lo and (when lo != hi) equal to hi, and collects the keys
+ * strictly between, with their flat indices, in index order, up to `capacity` of them (the
+ * buffers hold capacity + 1: stores are unconditional). *found is the number strictly between,
+ * even past capacity. Returns 0, or 1 when a key is NaN (the keys have no order).
+ */
+KERNEL int ms_bracket_sweep(const void *base, int32_t base_dtype, const void *model,
+                     int32_t model_dtype, int64_t n, int32_t descending, float lo, float hi,
+                     int64_t *tally, float *values, int64_t *indices, int64_t capacity,
+                     int64_t *found) {
+    float b[CHUNK], keys[CHUNK];
+    int64_t below = 0, equal_lo = 0, equal_hi = 0, inside = 0;
+    for (int64_t at = 0; at < n; at += CHUNK) {
+        int64_t m = n - at < CHUNK ? n - at : CHUNK;
+        keys_of(base, base_dtype, model, model_dtype, at, m, descending, b, keys);
+        int32_t chunk_below = 0, chunk_equal = 0, unordered = 0;
+        for (int64_t i = 0; i < m; i++) {
+            unordered |= keys[i] != keys[i];
+            chunk_below += keys[i] < lo;
+            chunk_equal += keys[i] == lo;
+        }
+        below += chunk_below;
+        equal_lo += chunk_equal;
+        if (lo != hi) {
+            int32_t chunk_inside = 0;
+            chunk_equal = 0;
+            for (int64_t i = 0; i < m; i++) {
+                chunk_equal += keys[i] == hi;
+                chunk_inside += (keys[i] > lo) & (keys[i] < hi);
+            }
+            equal_hi += chunk_equal;
+            if (chunk_inside > 0 && inside + chunk_inside <= capacity) {
+                int64_t at_slot = inside;
+                for (int64_t i = 0; i < m; i++) {
+                    values[at_slot] = keys[i];
+                    indices[at_slot] = at + i;
+                    at_slot += (keys[i] > lo) & (keys[i] < hi);
+                }
+            }
+            inside += chunk_inside;
+        }
+        if (unordered) return 1;
+    }
+    tally[0] = below;
+    tally[1] = equal_lo;
+    tally[2] = equal_hi;
+    *found = inside;
+    return 0;
+}
+
+/* Keys at `count` evenly spaced positions, i * n / count (rank_cut.sample_positions). */
+KERNEL void ms_sample_keys(const void *base, int32_t base_dtype, const void *model, int32_t model_dtype,
+                    int64_t n, int32_t descending, int64_t count, float *out) {
+    const float sign = descending ? -1.0f : 1.0f;
+    for (int64_t i = 0; i < count; i++) {
+        float b, m;
+        int64_t at = i * n / count;
+        load_f32(base, base_dtype, at, 1, &b);
+        load_f32(model, model_dtype, at, 1, &m);
+        out[i] = sign * fabsf(m - b);
+    }
+}
+
+/* The flat index of the `among`-th (from 0) key equal to `key`, or -1 when there are fewer. */
+KERNEL int64_t ms_locate_equal(const void *base, int32_t base_dtype, const void *model,
+                        int32_t model_dtype, int64_t n, int32_t descending, float key,
+                        int64_t among) {
+    float b[CHUNK], keys[CHUNK];
+    int64_t seen = 0;
+    for (int64_t at = 0; at < n; at += CHUNK) {
+        int64_t m = n - at < CHUNK ? n - at : CHUNK;
+        keys_of(base, base_dtype, model, model_dtype, at, m, descending, b, keys);
+        int32_t here = 0;
+        for (int64_t i = 0; i < m; i++) here += keys[i] == key;
+        if (seen + here > among) {
+            for (int64_t i = 0; i < m; i++)
+                if (keys[i] == key && seen++ == among) return at + i;
+        }
+        seen += here;
+    }
+    return -1;
+}
+
+int ms_abi(void) { return MS_ABI; }
+
+int ms_has_f16(void) { return MS_HAVE_F16; }
+
+/* A real (empty) extension module, so the build and import machinery treat it as one. */
+static struct PyModuleDef kernels_module = {
+    PyModuleDef_HEAD_INIT, "_kernels", "Fused CPU kernels, loaded through ctypes.", -1, NULL,
+    NULL, NULL, NULL, NULL,
+};
+
+PyMODINIT_FUNC PyInit__kernels(void) { return PyModule_Create(&kernels_module); }
