@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import gc
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -14,6 +16,16 @@ import click
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL = 1
+
+
+def _tune_process_for_one_merge() -> None:
+    """Settings for a process that imports torch, merges once and exits."""
+    # Importing torch alone triggers dozens of full cyclic-GC passes; the merge frees its
+    # memory by reference counting, so the collector only costs time here.
+    gc.disable()
+    # numpy's OpenBLAS starts a spinning thread per core at import; a merge never calls BLAS,
+    # and those threads would compete with the merge's own workers.
+    os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 
 def _fail(error: BaseException, debug: bool) -> None:
@@ -112,6 +124,7 @@ def run(
 ) -> None:
     """Merge the models RECIPE names into OUT_DIR."""
     _setup_logging(quiet)
+    _tune_process_for_one_merge()
 
     def work() -> None:
         from mergesmith.api import merge

@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 import torch
 
+from mergesmith import native
 from mergesmith.methods.registry import (
     MergeMethod,
     MethodInputs,
@@ -31,10 +32,25 @@ def linear(
     out = torch.empty(first.numel(), dtype=out_dtype or first.dtype, device=first.device)
     total = float(torch.tensor([float(w) for w in weights], dtype=torch.float32).sum())
     finite = True
+    fused = native.handles(*flats, out)
     for _, start, end in block_ranges(first.numel()):
+        if fused:
+            block_finite = native.linear_block(
+                flats,
+                [float(w) for w in weights],
+                start,
+                end,
+                normalize=normalize,
+                total=total,
+                out=out,
+                check_finite=check_finite and finite,
+            )
+            finite = finite and block_finite
+            continue
         acc = flats[0][start:end].float().mul(float(weights[0]))
         for flat, weight in zip(flats[1:], weights[1:], strict=True):
-            acc.add_(flat[start:end].float(), alpha=float(weight))
+            # Multiply, then add: two roundings, as the C kernel does (add's alpha may fuse).
+            acc.add_(flat[start:end].float().mul_(float(weight)))
         if check_finite:
             finite = finite and math.isfinite(float(acc.sum()))
         if normalize:

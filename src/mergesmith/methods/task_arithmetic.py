@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from mergesmith import native
 from mergesmith.methods.registry import (
     MergeMethod,
     MethodInputs,
@@ -28,8 +29,10 @@ from mergesmith.ops import sparsify as sp
 from mergesmith.ops.blocks import BLOCK, block_generator, block_ranges
 from mergesmith.ops.consensus import disjoint_merge
 from mergesmith.ops.rank_cut import (
+    SAMPLE,
     Cut,
     CutRequest,
+    NativeKeys,
     UnorderedKeys,
     at_or_after,
     at_or_before,
@@ -144,8 +147,10 @@ def merge_task_vectors(
         # NaN deltas: name the culprit, or (when allowed) trim as if NaN were zero.
         if check_finite:
             _name_the_non_finite_input(flat_base, flats)
-        clean = [torch.nan_to_num(torch.sub(f, flat_base), nan=0.0) + flat_base for f in flats]
-        _select(specs, flat_base, clean, n, block)
+        # Selection sees deltas only: a NaN base entry counts as a zero delta too.
+        zeros = torch.zeros(n, dtype=torch.float32, device=flat_base.device)
+        clean = [torch.nan_to_num(torch.sub(f, flat_base), nan=0.0) for f in flats]
+        _select(specs, zeros, clean, n, block)
     for plan, flat in zip(specs, flats, strict=True):
         plan.measure_rescale(flat_base, flat, n, block, shape2d)
     out = torch.empty(n, dtype=out_dtype)
@@ -153,7 +158,31 @@ def merge_task_vectors(
     total_weight = float(torch.tensor(weight_list, dtype=torch.float32).sum())
     plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
     finite = True
+    fused = native.handles(flat_base, *flats, out)
     for number, start, end in block_ranges(n, block):
+        if fused:
+            trims, masks = [], []  # masks must outlive the call
+            for plan, flat, weight in zip(specs, flats, weight_list, strict=True):
+                trim = plan.native_trim(start, end, weight)
+                if trim.mode == native.TRIM_GIVEN:
+                    masks.append(plan.drawn_keep(flat_base, flat, number, start, end, shape2d))
+                    trim.keep = masks[-1].data_ptr()
+                trims.append(trim)
+            block_finite = native.family_block(
+                flat_base,
+                flats,
+                trims,
+                start,
+                end,
+                consensus=consensus,
+                normalize=normalize,
+                plain_divisor=plain_divisor,
+                lambda_=lambda_,
+                out=out,
+                check_finite=check_finite and finite,
+            )
+            finite = finite and block_finite
+            continue
         b = flat_base[start:end].float()
         weighted = []
         for i, plan in enumerate(specs):
@@ -206,22 +235,37 @@ def _below_in_float32(value: float) -> float:
     return float(torch.nextafter(torch.tensor(value), torch.tensor(0.0)))
 
 
-def _keep_large(delta: torch.Tensor, limit: float, *, inclusive: bool) -> torch.Tensor:
-    """delta where |delta| > limit (>= when inclusive), else 0."""
+def _large_limit(limit: float, *, inclusive: bool) -> float | None:
+    """The hardshrink threshold that keeps |delta| > limit (>= when inclusive); None: keep all."""
     if inclusive:
         if limit <= 0:
-            return delta
-        limit = _below_in_float32(limit)
-    return torch.nn.functional.hardshrink(delta, limit)
+            return None
+        return _below_in_float32(limit)
+    return limit
+
+
+def _small_limit(limit: float, *, inclusive: bool) -> float | None:
+    """The hardshrink threshold whose complement keeps |delta| <= limit (< when not inclusive);
+    None: keep nothing."""
+    if not inclusive:
+        if limit <= 0:
+            return None
+        return _below_in_float32(limit)
+    return limit
+
+
+def _keep_large(delta: torch.Tensor, limit: float, *, inclusive: bool) -> torch.Tensor:
+    """delta where |delta| > limit (>= when inclusive), else 0."""
+    threshold = _large_limit(limit, inclusive=inclusive)
+    return delta if threshold is None else torch.nn.functional.hardshrink(delta, threshold)
 
 
 def _keep_small(delta: torch.Tensor, limit: float, *, inclusive: bool) -> torch.Tensor:
     """delta where |delta| <= limit (< when not inclusive), else 0."""
-    if not inclusive:
-        if limit <= 0:
-            return torch.zeros_like(delta)
-        limit = _below_in_float32(limit)
-    return delta - torch.nn.functional.hardshrink(delta, limit)
+    threshold = _small_limit(limit, inclusive=inclusive)
+    if threshold is None:
+        return torch.zeros_like(delta)
+    return delta - torch.nn.functional.hardshrink(delta, threshold)
 
 
 def _cut_mask(
@@ -243,6 +287,11 @@ def _cut_mask(
     if upper:
         return fm.at_most(magnitude, cut.key) if equal_kept else fm.below(magnitude, cut.key)
     return fm.at_least(magnitude, cut.key) if equal_kept else fm.above(magnitude, cut.key)
+
+
+def _key_index(cut: Cut) -> tuple[float, int]:
+    # Indices past either end (-1, 2**62) mean every equal key is kept; int64 holds both.
+    return cut.key, cut.index
 
 
 def _block_size(shape: torch.Size, sparsifier: str | None) -> int:
@@ -302,18 +351,26 @@ class _ModelPlan:
             a = torch.sub(model[start:end], b).abs_()
             return a.neg_() if descending else a
 
-        positions = sample_positions(n, base.device)
-        sample = (model[positions].float() - base[positions].float()).abs_()
+        source = NativeKeys(base, model, descending) if native.handles(base, model) else None
+        if source is not None:
+            sample = native.sample_keys(base, model, descending, SAMPLE)
+        else:
+            positions = sample_positions(n, base.device)
+            sample = (model[positions].float() - base[positions].float()).abs_()
+            if descending:
+                sample.neg_()
         if descending:
             k = max(1, math.floor(self.density * n))
-            return CutRequest(keys_of, sample.neg_(), [k - 1], [True])
+            return CutRequest(keys_of, sample, [k - 1], [True], native=source)
         target = math.floor(self.density * n)
         n_top = math.floor(self.gamma * n)
         n_bottom = max(0, n - target - n_top)
         if target <= 0:
             self.keep_none = True
             return None
-        return CutRequest(keys_of, sample, [n_bottom, n_bottom + target - 1], [False, True])
+        return CutRequest(
+            keys_of, sample, [n_bottom, n_bottom + target - 1], [False, True], native=source
+        )
 
     def take_cuts(self, request: CutRequest, n: int) -> None:
         if self.kind == "magnitude":
@@ -347,8 +404,7 @@ class _ModelPlan:
         if self.keep_none:
             return torch.zeros_like(delta)
         if self.kind == "random":
-            draws = torch.rand(delta.shape, generator=block_generator(self.seed, number))
-            return fm.below(draws.to(delta.device), self.density)
+            return self._random_keep(delta.numel(), number, delta.device)
         if self.kind == "della_magprune":
             return self._della_keep(delta.abs(), number, shape2d)
         magnitude = delta.abs()
@@ -360,6 +416,25 @@ class _ModelPlan:
             upper = _cut_mask(magnitude, start, self.upper, upper=True, descending=descending)
             keep = upper if keep is None else keep.mul_(upper)
         return keep
+
+    def drawn_keep(
+        self,
+        base: torch.Tensor,
+        model: torch.Tensor,
+        number: int,
+        start: int,
+        end: int,
+        shape2d: tuple[int, int],
+    ) -> torch.Tensor:
+        """`keep` for the random sparsifiers, for block [start, end) of flat inputs."""
+        if self.kind == "random":
+            return self._random_keep(end - start, number, base.device)
+        delta = torch.sub(model[start:end], base[start:end].float())
+        return self._della_keep(delta.abs_(), number, shape2d)
+
+    def _random_keep(self, size: int, number: int, device: torch.device) -> torch.Tensor:
+        draws = torch.rand(size, generator=block_generator(self.seed, number))
+        return fm.below(draws.to(device), self.density)
 
     def _della_keep(
         self, magnitude: torch.Tensor, number: int, shape2d: tuple[int, int]
@@ -388,6 +463,47 @@ class _ModelPlan:
         if self.factor != 1.0:
             trimmed.mul_(self.factor)
         return trimmed
+
+    def native_trim(self, start: int, end: int, weight: float) -> native.Trim:
+        """What `sparsify` then `* weight` do to the block [start, end), for the C kernel."""
+        trim = native.Trim(mode=native.TRIM_KEEP_ALL, weight=weight)
+        if self.kind is not None and self.factor != 1.0:
+            trim.has_factor, trim.factor = 1, self.factor
+        if self.kind is None:
+            return trim
+        if self.keep_none:
+            trim.mode = native.TRIM_TIMES_ZERO
+            return trim
+        if self.kind in ("random", "della_magprune"):
+            trim.mode = native.TRIM_GIVEN  # the caller supplies drawn_keep's mask
+            return trim
+        cuts = [c for c in (self.lower, self.upper) if c is not None]
+        if any(start <= c.index < end for c in cuts):
+            trim.mode, trim.descending = native.TRIM_MASK, int(self.kind == "magnitude")
+            if self.lower is not None:
+                trim.has_lower, trim.lower_key, trim.lower_index = 1, *_key_index(self.lower)
+            if self.upper is not None:
+                trim.has_upper, trim.upper_key, trim.upper_index = 1, *_key_index(self.upper)
+            return trim
+        # The same limits as _trim_by_cuts, as hardshrink thresholds.
+        trim.mode = native.TRIM_SHRINK
+        if self.kind == "magnitude":
+            assert self.upper is not None
+            large = _large_limit(-self.upper.key, inclusive=self.upper.index >= end)
+            if large is not None:
+                trim.has_large, trim.large = 1, large
+            return trim
+        if self.lower is not None:
+            large = _large_limit(self.lower.key, inclusive=self.lower.index < start)
+            if large is not None:
+                trim.has_large, trim.large = 1, large
+        if self.upper is not None:
+            small = _small_limit(self.upper.key, inclusive=self.upper.index >= end)
+            if small is None:
+                trim.small_mode = native.SMALL_ZEROS
+            else:
+                trim.small_mode, trim.small = native.SMALL_SHRINK, small
+        return trim
 
     def _trim_by_cuts(self, delta: torch.Tensor, start: int) -> torch.Tensor | None:
         """Magnitude cuts as hardshrink, one fused op, in every block no tie run is split in."""

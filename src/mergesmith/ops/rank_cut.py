@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from mergesmith import native
 from mergesmith.ops.blocks import block_ranges
 
 SAMPLE = 1 << 16
@@ -43,6 +44,17 @@ class CutRequest:
     ranks: list[int]
     upper: list[bool]
     cuts: list[Cut | None] = field(default_factory=list)
+    native: NativeKeys | None = None
+
+
+@dataclass(frozen=True)
+class NativeKeys:
+    """The keys of a request in a form the C kernels compute themselves: |model - base|,
+    negated when `descending` (flat, contiguous CPU tensors)."""
+
+    base: torch.Tensor
+    model: torch.Tensor
+    descending: bool
 
 
 def find_cuts(
@@ -62,38 +74,11 @@ def find_cuts(
         req.cuts = [None] * len(req.ranks)
         for c, rank in enumerate(req.ranks):
             brackets[r, c] = _bracket(req.sample, rank / max(1, n - 1))
-    index_dtype = torch.int32 if n < 2**31 else torch.int64
     while brackets:
-        # Per bracket: entries below lo, equal to lo, equal to hi.
-        tallies: dict[tuple[int, int], list[int]] = {key: [0, 0, 0] for key in brackets}
-        found: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {
-            key: [] for key in brackets
-        }
-        for _, start, end in block_ranges(n, block):
-            b = base_block(start, end)
-            for r, req in enumerate(requests):
-                wanted = [c for c in range(len(req.ranks)) if (r, c) in brackets]
-                if not wanted:
-                    continue
-                keys = req.keys(start, end, b)
-                for c in wanted:
-                    lo, hi = brackets[r, c]
-                    side_lo = torch.sub(keys, lo).sign_()  # -1 below, 0 equal, +1 above lo
-                    # Counts go straight to Python ints (float32 sums are exact: a block has
-                    # fewer than 2^24 entries). Small tensors kept per block would pin freed
-                    # blocks in the heap and make memory grow with the tensor.
-                    tally = tallies[r, c]
-                    tally[0] += _count(side_lo.neg().clamp_(min=0).sum())
-                    tally[1] += (end - start) - _count(side_lo.abs().sum())
-                    if lo == hi:
-                        # Low-precision deltas often bracket a single value: nothing between.
-                        continue
-                    side_hi = torch.sub(keys, hi).sign_()
-                    tally[2] += (end - start) - _count(side_hi.abs().sum())
-                    strictly_inside = side_lo.sub_(side_hi).sub_(1).clamp_(min=0)
-                    where = strictly_inside.bool().nonzero().squeeze(1)
-                    if where.numel():
-                        found[r, c].append((keys[where], where.add_(start).to(index_dtype)))
+        if all(req.native is not None for req in requests):
+            tallies, found = _sweep_native(requests, brackets)
+        else:
+            tallies, found = _sweep(requests, brackets, n, block, base_block)
         for (r, c), (lo, hi) in list(brackets.items()):
             req = requests[r]
             below, equal_lo, equal_hi = tallies[r, c]
@@ -123,6 +108,70 @@ def find_cuts(
                 req.cuts[c] = _tie_cut(req, c, hi, among, equal_hi, n, block, base_block)
 
 
+Tallies = dict[tuple[int, int], list[int]]
+Found = dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]]
+
+
+def _sweep(
+    requests: list[CutRequest],
+    brackets: dict[tuple[int, int], tuple[float, float]],
+    n: int,
+    block: int,
+    base_block: Callable[[int, int], torch.Tensor],
+) -> tuple[Tallies, Found]:
+    """Per bracket: entries below lo, equal to lo, equal to hi, and those strictly inside."""
+    index_dtype = torch.int32 if n < 2**31 else torch.int64
+    tallies: Tallies = {key: [0, 0, 0] for key in brackets}
+    found: Found = {key: [] for key in brackets}
+    for _, start, end in block_ranges(n, block):
+        b = base_block(start, end)
+        for r, req in enumerate(requests):
+            wanted = [c for c in range(len(req.ranks)) if (r, c) in brackets]
+            if not wanted:
+                continue
+            keys = req.keys(start, end, b)
+            # Keys share one sign, so their sum is NaN only when a key is (torch.sign(NaN) is
+            # 0, so the counts below would not show it).
+            if math.isnan(float(keys.sum())):
+                raise UnorderedKeys("NaN among the keys")
+            for c in wanted:
+                lo, hi = brackets[r, c]
+                side_lo = torch.sub(keys, lo).sign_()  # -1 below, 0 equal, +1 above lo
+                # Counts go straight to Python ints (float32 sums are exact: a block has
+                # fewer than 2^24 entries). Small tensors kept per block would pin freed
+                # blocks in the heap and make memory grow with the tensor.
+                tally = tallies[r, c]
+                tally[0] += _count(side_lo.neg().clamp_(min=0).sum())
+                tally[1] += (end - start) - _count(side_lo.abs().sum())
+                if lo == hi:
+                    # Low-precision deltas often bracket a single value: nothing between.
+                    continue
+                side_hi = torch.sub(keys, hi).sign_()
+                tally[2] += (end - start) - _count(side_hi.abs().sum())
+                strictly_inside = side_lo.sub_(side_hi).sub_(1).clamp_(min=0)
+                where = strictly_inside.bool().nonzero().squeeze(1)
+                if where.numel():
+                    found[r, c].append((keys[where], where.add_(start).to(index_dtype)))
+    return tallies, found
+
+
+def _sweep_native(
+    requests: list[CutRequest], brackets: dict[tuple[int, int], tuple[float, float]]
+) -> tuple[Tallies, Found]:
+    """The same counts from the C kernel, one pass per bracket."""
+    tallies: Tallies = {}
+    found: Found = {}
+    for (r, c), (lo, hi) in brackets.items():
+        source = requests[r].native
+        assert source is not None
+        result = native.bracket_sweep(source.base, source.model, source.descending, lo, hi)
+        if result is None:
+            raise UnorderedKeys("NaN among the keys")
+        tallies[r, c], values, indices = result
+        found[r, c] = [(values, indices)] if values.numel() else []
+    return tallies, found
+
+
 class UnorderedKeys(ValueError):
     """A key is NaN, so entries have no order to cut."""
 
@@ -141,9 +190,22 @@ def _bracket(sample: torch.Tensor, p: float) -> tuple[float, float]:
     centre = p * (s - 1)
     margin = 4 * math.sqrt(s * p * (1 - p)) + 8
     lo_pos, hi_pos = math.floor(centre - margin), math.ceil(centre + margin)
-    lo = -math.inf if lo_pos < 0 else float(torch.kthvalue(sample, lo_pos + 1).values)
-    hi = math.inf if hi_pos >= s else float(torch.kthvalue(sample, hi_pos + 1).values)
-    return lo, hi
+    inside = [pos for pos in (lo_pos, hi_pos) if 0 <= pos < s]
+    values = dict(zip(inside, _order_statistics(sample, inside), strict=True))
+    return values.get(lo_pos, -math.inf), values.get(hi_pos, math.inf)
+
+
+def _order_statistics(sample: torch.Tensor, positions: list[int]) -> list[float]:
+    """The values at these positions of the sorted sample."""
+    if not positions:
+        return []
+    if sample.device.type == "cpu":
+        # One partial sort finds both ends (torch.kthvalue takes one per call).
+        import numpy as np
+
+        ordered = np.partition(sample.numpy(), positions)
+        return [float(ordered[pos]) for pos in positions]
+    return [float(torch.kthvalue(sample, pos + 1).values) for pos in positions]
 
 
 def _place(
@@ -176,6 +238,12 @@ def _tie_cut(
     )
     if whole_run is not None:
         return whole_run
+    if req.native is not None:
+        source = req.native
+        index = native.locate_equal(source.base, source.model, source.descending, key, among_equal)
+        if index < 0:
+            raise AssertionError("a key counted in the sweep vanished in the rescan")
+        return Cut(key, index)
     # Count equal keys block by block and locate positions only in the block that passes the
     # wanted one.
     seen = 0

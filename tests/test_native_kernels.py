@@ -1,0 +1,252 @@
+"""The C kernels give the same bytes as the torch code they stand in for.
+
+The torch code is the reference (its results are checked against hand-worked tensors and
+mergekit elsewhere); here every path through the kernels is run next to it on inputs built to
+reach the corners: cuts that split runs of equal magnitudes, signed zeros, NaN and infinities,
+every dtype pairing, tensors spanning several blocks, and whole merges through the CLI.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mergesmith import native
+from mergesmith.methods.linear import linear
+from mergesmith.methods.registry import NonFiniteInput
+from mergesmith.methods.task_arithmetic import merge_task_vectors
+from mergesmith.ops.blocks import BLOCK
+from tests.conftest import assert_identical, run_cli, write_recipe
+
+needs_kernels = pytest.mark.skipif(not native.available(), reason="C kernels not built")
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def test_kernels_are_built_where_required() -> None:
+    """`make test` (and so CI) sets MERGESMITH_REQUIRE_KERNELS: a failed build must not pass
+    unnoticed by testing the torch code twice."""
+    if os.environ.get("MERGESMITH_REQUIRE_KERNELS"):
+        assert native.available(), "the C kernels did not build: run `pip install -e .`"
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    """The raw bit patterns, with every NaN made one value (only NaN payloads may differ)."""
+    t = t.clone()
+    t[t.isnan()] = float("nan")
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def both_paths(fn, *args, **kwargs):
+    got = fn(*args, **kwargs)
+    with native.torch_only():
+        expected = fn(*args, **kwargs)
+    return got, expected
+
+
+def inputs(n: int, dtype: torch.dtype, *, seed: int, quantized: bool, k: int = 3):
+    """A base and k fine-tunes; quantized deltas make long runs of equal magnitudes, so cuts
+    fall inside them. Signed zeros sit in the base and in the deltas."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g)
+    models = []
+    for i in range(k):
+        delta = torch.randn(n, generator=g) * 0.01 * (i + 1)
+        if quantized:
+            delta = (delta * 300).round() / 300
+        models.append((base + delta).to(dtype))
+    base = base.to(dtype)
+    base[:7] = 0.0
+    base[7:14] = -0.0
+    for m in models:
+        m[:4] = 0.0  # delta exactly zero where the base is zero
+        m[7:9] = 0.0  # +0 - -0
+    return base, models
+
+
+FAMILY_CASES = [
+    # sparsifier, consensus, densities, normalize, lambda, rescale
+    ("magnitude", "sum", [0.5, 0.5, 0.3], True, 1.0, False),
+    ("magnitude", "count", [0.2, 0.9, 1.0], True, 1.3, False),
+    ("magnitude", None, [0.7, 0.1, 0.4], False, 0.5, False),
+    ("magnitude", "sum", [0.5, 0.0, 0.3], True, 1.0, True),
+    ("magnitude_outliers", "sum", [0.5, 0.7, 0.3], False, 0.7, False),
+    ("magnitude_outliers", None, [0.9, 0.5, 0.05], False, 1.0, True),
+    (None, None, None, False, 1.0, False),
+    (None, "sum", None, True, 1.0, False),
+    (None, "count", None, False, 2.0, False),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", FAMILY_CASES, ids=lambda c: f"{c[0]}-{c[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("quantized", [True, False], ids=["ties", "distinct"])
+def test_family_matches_torch(case, dtype: torch.dtype, quantized: bool) -> None:
+    sparsifier, consensus, densities, normalize, lambda_, rescale = case
+    n = 2 * BLOCK + 12345  # three blocks, the last one short
+    base, models = inputs(n, dtype, seed=len(str(case)), quantized=quantized)
+    got, expected = both_paths(
+        merge_task_vectors,
+        base,
+        models,
+        [1.0, 0.5, -0.7],
+        densities=densities,
+        sparsifier=sparsifier,
+        consensus=consensus,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        gammas=[0.01, 0.1, 0.0],
+        check_finite=True,
+    )
+    assert got.dtype == expected.dtype == dtype
+    assert torch.equal(bits(got), bits(expected))
+
+
+@needs_kernels
+@pytest.mark.parametrize("out_dtype", DTYPES, ids=str)
+def test_mixed_input_dtypes(out_dtype: torch.dtype) -> None:
+    base, models = inputs(BLOCK + 99, torch.float32, seed=3, quantized=True)
+    models = [models[0].bfloat16(), models[1].half(), models[2]]
+    got, expected = both_paths(
+        merge_task_vectors,
+        base.bfloat16(),
+        models,
+        [0.3, 0.3, 0.4],
+        densities=[0.4, 0.6, 0.5],
+        sparsifier="magnitude",
+        consensus="sum",
+        normalize=True,
+        out_dtype=out_dtype,
+    )
+    assert torch.equal(bits(got), bits(expected))
+
+
+@needs_kernels
+@pytest.mark.parametrize("sparsifier", ["magnitude", "magnitude_outliers", None])
+def test_non_finite_values_when_allowed(sparsifier: str | None) -> None:
+    """--allow-nonfinite: NaN and infinities go through both paths alike."""
+    base, models = inputs(BLOCK + 500, torch.float32, seed=5, quantized=False)
+    models[0][100] = float("nan")
+    models[1][200] = float("inf")
+    models[2][300] = float("-inf")
+    base[400] = float("nan")
+    got, expected = both_paths(
+        merge_task_vectors,
+        base,
+        models,
+        [1.0, 1.0, 1.0],
+        densities=[0.5, 0.5, 0.5],
+        sparsifier=sparsifier,
+        consensus="sum",
+        normalize=True,
+    )
+    assert got.isnan().any()
+    assert torch.equal(bits(got), bits(expected))
+
+
+@needs_kernels
+def test_non_finite_input_is_named() -> None:
+    base, models = inputs(1000, torch.bfloat16, seed=6, quantized=False)
+    models[1][10] = float("inf")
+    with pytest.raises(NonFiniteInput) as caught:
+        merge_task_vectors(
+            base,
+            models,
+            [1.0, 1.0, 1.0],
+            densities=[1.0, 1.0, 1.0],
+            sparsifier=None,
+            check_finite=True,
+        )
+    assert caught.value.model == 1
+
+
+@needs_kernels
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    density=st.floats(0.0, 1.0),
+    gamma=st.floats(0.0, 0.3),
+    levels=st.integers(1, 40),
+    seed=st.integers(0, 2**16),
+    sparsifier=st.sampled_from(["magnitude", "magnitude_outliers"]),
+    consensus=st.sampled_from(["sum", "count", None]),
+)
+def test_family_matches_torch_on_small_tensors(
+    n, density, gamma, levels, seed, sparsifier, consensus
+) -> None:
+    """Few distinct magnitudes (`levels`), so ties fill whole tensors and cuts land anywhere."""
+    g = torch.Generator().manual_seed(seed)
+    base = torch.randn(n, generator=g).bfloat16()
+    models = [
+        base.float() + torch.randint(-levels, levels + 1, (n,), generator=g) / 64 for _ in range(2)
+    ]
+    got, expected = both_paths(
+        merge_task_vectors,
+        base,
+        models,
+        [0.6, 0.4],
+        densities=[density, 1 - density / 2],
+        sparsifier=sparsifier,
+        consensus=consensus,
+        normalize=True,
+        gammas=[gamma, gamma / 2],
+    )
+    assert torch.equal(bits(got), bits(expected))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("normalize", [True, False])
+def test_linear_matches_torch(dtype: torch.dtype, normalize: bool) -> None:
+    _, models = inputs(BLOCK + 777, dtype, seed=8, quantized=False)
+    got, expected = both_paths(linear, models, [0.3, 0.5, 0.21], normalize, check_finite=True)
+    assert torch.equal(bits(got), bits(expected))
+
+
+def test_linear_torch_path_rounds_product_then_sum() -> None:
+    """The reference itself, by hand: (x0*w0 + x1*w1) / (w0 + w1), each step in float32."""
+    x = [torch.tensor([1.1, -2.5, 3.0e-3]), torch.tensor([0.7, 4.25, -1.0])]
+    w = [0.3, 0.9]
+    expected = []
+    for a, b in zip(x[0].tolist(), x[1].tolist(), strict=True):
+        f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
+        acc = f32(a) * f32(w[0]) + f32(b) * f32(w[1])
+        expected.append(float(acc / (f32(w[0]) + f32(w[1]))))
+    for use_kernels in (True, False):
+        if use_kernels:
+            got = linear(x, w, True)
+        else:
+            with native.torch_only():
+                got = linear(x, w, True)
+        assert got.tolist() == expected
+
+
+@needs_kernels
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties", "task_arithmetic", "linear"])
+def test_cli_output_is_byte_identical_without_kernels(
+    method: str, family: tuple[Path, list[Path]], tmp_path: Path
+) -> None:
+    """A whole merge, as a user runs it, with MERGESMITH_KERNELS=torch and without."""
+    base, tuned = family
+    density = "" if method in ("task_arithmetic", "linear") else "density: 0.4, "
+    gamma = "gamma: 0.05, " if method.startswith("breadcrumbs") else ""
+    models = "".join(
+        f"  - model: {p}\n    parameters: {{{density}{gamma}weight: {w}}}\n"
+        for p, w in zip(tuned, (0.5, 0.3, 0.2), strict=True)
+    )
+    base_line = "" if method == "linear" else f"base_model: {base}\n"
+    recipe = write_recipe(
+        tmp_path, f"merge_method: {method}\n{base_line}models:\n{models}dtype: bfloat16\n"
+    )
+    fast = run_cli("run", recipe, tmp_path / "fast")
+    assert fast.returncode == 0, fast.stderr
+    slow = run_cli("run", recipe, tmp_path / "slow", env={"MERGESMITH_KERNELS": "torch"})
+    assert slow.returncode == 0, slow.stderr
+    assert_identical(tmp_path / "fast", tmp_path / "slow", "the torch path's output")
