@@ -78,15 +78,21 @@ class Case:
         return fts if self.method == "linear" else [self.models.base(), *fts]
 
 
+# mergesmith with its C kernels switched off: the code a GPU or a machine without a C
+# compiler runs. Same output bytes; the row shows what the kernels are worth.
+TORCH_CODE = "mergesmith-torch"
+
+
 @dataclass
 class Tool:
     name: str
     exe: Path
     extra: list[str]
     version: str = "?"
+    env: dict[str, str] = field(default_factory=dict)
 
     def argv(self, case: Case, out: Path) -> list[str]:
-        if self.name == "mergesmith":
+        if self.name.startswith("mergesmith"):
             argv = [str(self.exe), "run", str(case.recipe), str(out), "--overwrite"]
             seed = ["--seed", str(DARE_SEED)]
         else:
@@ -320,6 +326,8 @@ class Bench:
 
     def startup(self, repeat: int) -> None:
         for tool in self.tools:
+            if tool.env:
+                continue  # the same command as another tool's
             # The first call fills the bytecode cache; it is not what start-up costs.
             measure.run([str(tool.exe), "--help"], env=self.env, timeout_s=600)
             wait_for_quiet(self.args.max_wait_idle)
@@ -367,7 +375,9 @@ class Bench:
         print(f"[bench] {case.name}: {tool.name} ({label}) ...", flush=True)
         src = source_fingerprint(MERGESMITH_SRC)
         busy0 = busy_cpu_s()
-        m = measure.run(tool.argv(case, out), log=log, env=self.env, timeout_s=self.args.timeout)
+        m = measure.run(
+            tool.argv(case, out), log=log, env=self.env | tool.env, timeout_s=self.args.timeout
+        )
         other_cores = max(0.0, (busy_cpu_s() - busy0 - m.cpu_s) / m.wall_s)
         t0 = time.perf_counter()
         os.sync()
@@ -406,21 +416,22 @@ class Bench:
         self.save()
         return run
 
-    def compare(self, case: Case) -> None:
-        a, b = (self.args.work / "out" / case.name / t for t in ("mergesmith", "mergekit"))
+    def compare(self, case: Case, other: str = "mergekit") -> None:
+        a, b = (self.args.work / "out" / case.name / t for t in ("mergesmith", other))
         ok = {
             r["tool"]
             for r in self.data["runs"]  # type: ignore[attr-defined]
             if r["case"] == case.name and r["ok"]
         }
-        if not {"mergesmith", "mergekit"} <= ok:
+        if not {"mergesmith", other} <= ok:
             return
         cmd = [sys.executable, str(BENCH / "compare_outputs.py"), str(a), str(b)]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
             self.note(f"comparing {case.name} outputs failed: {r.stderr.strip()[-500:]}")
             return
-        self.data["comparisons"][case.name] = json.loads(r.stdout)  # type: ignore[index]
+        key = case.name if other == "mergekit" else f"{case.name} vs {other}"
+        self.data["comparisons"][key] = json.loads(r.stdout)  # type: ignore[index]
         self.save()
 
     def save(self) -> None:
@@ -540,6 +551,9 @@ def render(data: dict) -> str:
             ms, mk = cmp_rows.get((case, "mergesmith")), cmp_rows.get((case, "mergekit"))
             rows.append([case, "mergekit", *_fmt_row(mk)])
             rows.append([case, "mergesmith", *_fmt_row(ms)])
+            torch_code = cmp_rows.get((case, TORCH_CODE))
+            if torch_code:
+                rows.append([case, f"{TORCH_CODE} (kernels off)", *_fmt_row(torch_code)])
             if ms and mk and "failed" not in ms and "failed" not in mk:
                 rows.append(
                     [
@@ -604,7 +618,7 @@ def render(data: dict) -> str:
             )
         lines += _table(header, rows)
     if data["comparisons"]:
-        lines += ["## Output agreement (mergesmith vs mergekit)", ""]
+        lines += ["## Output agreement (mergesmith vs mergekit, and vs its own torch code)", ""]
         rows = []
         for case, c in data["comparisons"].items():
             frac = c["differing_elements"] / c["elements"] if c["elements"] else 0.0
@@ -630,7 +644,8 @@ def render(data: dict) -> str:
             "of two bf16 tensors takes few distinct values, so a large share of a task vector "
             "(13-20% on these models) has exactly the magnitude at the density cutoff, and "
             "mergekit picks among those with an unstable argsort where mergesmith takes them "
-            "in index order.",
+            "in index order. Rows `vs mergesmith-torch` compare the C kernels with the torch "
+            "code: they must agree to the bit.",
             "",
         ]
     if data["notes"]:
@@ -661,6 +676,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     ap.add_argument("--mergekit-args", default="", help="extra mergekit-yaml arguments")
     ap.add_argument("--mergesmith", help="mergesmith executable (default: beside this python)")
     ap.add_argument("--mergesmith-args", default="", help='extra "mergesmith run" arguments')
+    ap.add_argument(
+        "--torch-code",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="also run mergesmith with its C kernels off (MERGESMITH_KERNELS=torch)",
+    )
     ap.add_argument("--repeat", type=int, default=3, help="runs per tool and case (median)")
     ap.add_argument(
         "--retries",
@@ -711,6 +732,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ms = Tool("mergesmith", ms_exe, shlex.split(args.mergesmith_args))
         ms.version = tool_version(Path(sys.executable), "mergesmith")
         tools.append(ms)
+        if args.torch_code:
+            torch_code = Tool(TORCH_CODE, ms_exe, ms.extra, ms.version)
+            torch_code.env = {"MERGESMITH_KERNELS": "torch"}
+            tools.append(torch_code)
     else:
         notes.append("mergesmith executable not found")
 
@@ -746,6 +771,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     bench.startup(args.startup_repeat)
     for tool in list(tools):
+        if tool.name not in bench.data["startup"]:  # type: ignore[operator]
+            continue
         if not bench.data["startup"][tool.name]["ok"]:  # type: ignore[index]
             bench.note(f"`{tool.exe} --help` failed; {tool.name} is left out")
             tools.remove(tool)
@@ -757,8 +784,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         bench.run_case(case, tools, args.repeat, "methods")
         if args.compare:
             bench.compare(case)
+            bench.compare(case, TORCH_CODE)
 
-    scale_tools = [t for t in tools if t.name == "mergesmith" or args.scaling_mergekit]
+    scale_tools = [
+        t
+        for t in tools
+        if t.name == "mergesmith" or (args.scaling_mergekit and t.name == "mergekit")
+    ]
     if scale_counts and scale_tools:
         cases = [Case(f"ties-{n}ft-1x", "ties", one_x, n) for n in scale_counts]
         cases += [Case(f"ties-3ft-{s.label}", "ties", s, 3) for s in (one_x, two_x)]

@@ -13,6 +13,7 @@ import importlib.util
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from functools import cache
 
 import torch
@@ -53,22 +54,22 @@ class KernelError(RuntimeError):
     """A kernel could not run (out of memory for its scratch)."""
 
 
-_switched_off = False
+# Scoped to the calling thread and context, not process-wide state.
+_switched_off: ContextVar[bool] = ContextVar("mergesmith_kernels_switched_off", default=False)
 
 
 @contextmanager
 def torch_only() -> Iterator[None]:
-    """Run the torch code inside this block (tests compare the two paths with it)."""
-    global _switched_off
-    before, _switched_off = _switched_off, True
+    """Run the torch code inside this block, in this thread (tests compare the paths)."""
+    token = _switched_off.set(True)
     try:
         yield
     finally:
-        _switched_off = before
+        _switched_off.reset(token)
 
 
 def _library() -> ctypes.CDLL | None:
-    return None if _switched_off else _load()
+    return None if _switched_off.get() else _load()
 
 
 @cache
