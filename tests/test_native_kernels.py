@@ -8,7 +8,9 @@ every dtype pairing, tensors spanning several blocks, and whole merges through t
 
 from __future__ import annotations
 
+import math
 import os
+from fractions import Fraction
 from pathlib import Path
 
 import pytest
@@ -210,22 +212,47 @@ def test_linear_matches_torch(dtype: torch.dtype, normalize: bool) -> None:
     assert torch.equal(bits(got), bits(expected))
 
 
-def test_linear_torch_path_rounds_product_then_sum() -> None:
-    """The reference itself, by hand: (x0*w0 + x1*w1) / (w0 + w1), each step in float32."""
-    x = [torch.tensor([1.1, -2.5, 3.0e-3]), torch.tensor([0.7, 4.25, -1.0])]
-    w = [0.3, 0.9]
+def to_float32(exact: Fraction) -> float:
+    """`exact` rounded to the nearest float32, ties to even: one rounding, done by hand."""
+    near = torch.tensor(float(exact), dtype=torch.float32)
+    candidates = [
+        torch.nextafter(near, torch.tensor(-math.inf)),
+        near,
+        torch.nextafter(near, torch.tensor(math.inf)),
+    ]
+
+    def rank(c: torch.Tensor) -> tuple[Fraction, int]:
+        return abs(Fraction(float(c)) - exact), int(c.view(torch.int32)) & 1
+
+    return float(min(candidates, key=rank))
+
+
+def test_linear_is_a_chain_of_fused_multiply_adds() -> None:
+    """Both paths, by hand: acc = fma(x_i, w_i, acc) from +0 (mergekit's addcmul_ on FMA CPUs),
+    then / sum(w), each step rounded once to float32, with exact rational arithmetic."""
+    x = [
+        torch.tensor([1.1, -2.5, 3.0e-3, 0.0, 1.0 + 2**-23]),
+        torch.tensor([0.7, 4.25, -1.0, -0.0, -1.0]),
+        torch.tensor([1e-8, 1.0 / 3, 5.0, -0.0, 2**-24]),
+    ]
+    w = [0.3, 0.9, -0.45]
+    w32 = [Fraction(float(torch.tensor(v, dtype=torch.float32))) for v in w]
+    total = float(torch.tensor(w, dtype=torch.float32).sum())
     expected = []
-    for a, b in zip(x[0].tolist(), x[1].tolist(), strict=True):
-        f32 = lambda v: torch.tensor(v, dtype=torch.float32)  # noqa: E731
-        acc = f32(a) * f32(w[0]) + f32(b) * f32(w[1])
-        expected.append(float(acc / (f32(w[0]) + f32(w[1]))))
+    for column in zip(*(t.tolist() for t in x), strict=True):
+        acc = Fraction(0)
+        for value, weight in zip(column, w32, strict=True):
+            acc = Fraction(to_float32(Fraction(value) * weight + acc))
+        expected.append(to_float32(acc / Fraction(total)))
     for use_kernels in (True, False):
         if use_kernels:
             got = linear(x, w, True)
         else:
             with native.torch_only():
                 got = linear(x, w, True)
-        assert got.tolist() == expected
+        assert got.tolist() == expected, "kernels" if use_kernels else "torch code"
+    # +0, never -0, where every term is a signed zero (mergekit's sum starts at +0).
+    assert not torch.signbit(linear(x, w, True)[3])
 
 
 @needs_kernels

@@ -701,6 +701,19 @@ def test_matches_mergekit(
         assert_not_a_copy(ref, [Path(toy_models[k]) for k in ("base", "ft1", "ft2", "ft3")])
 
 
+@pytest.mark.parametrize("case", ["linear", "linear_unnormalized"])
+def test_linear_is_bit_identical_to_mergekit(
+    case: str, recipes: dict[str, Path], reference: MergekitBatch, tmp_path: Path
+) -> None:
+    """SEMANTICS.md 1: for float32 models the two agree exactly. Linear is a chain of fused
+    multiply-adds in both (mergekit's addcmul_ on an FMA CPU), so every bit must match."""
+    ours = load_folder(run_ours(recipes[case], tmp_path / "ours"))
+    ref = load_folder(reference.output(case))
+    assert ours.keys() == ref.keys()
+    differing = [name for name in ref if not torch.equal(ours[name], ref[name])]
+    assert not differing, f"{len(differing)} tensors differ, e.g. {differing[0]}"
+
+
 @pytest.mark.parametrize("case", ["seed_ties", "dare_ties_3"])
 def test_batch_driver_matches_mergekit_yaml(
     case: str,

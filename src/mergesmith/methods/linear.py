@@ -47,10 +47,11 @@ def linear(
             )
             finite = finite and block_finite
             continue
-        acc = flats[0][start:end].float().mul(float(weights[0]))
-        for flat, weight in zip(flats[1:], weights[1:], strict=True):
-            # Multiply, then add: two roundings, as the C kernel does (add's alpha may fuse).
-            acc.add_(flat[start:end].float().mul_(float(weight)))
+        # add(alpha=) is a fused multiply-add on FMA CPUs, as mergekit's addcmul_ is; starting
+        # from +0 as mergekit does gives its signed zeros too.
+        acc = torch.zeros(end - start, dtype=torch.float32, device=first.device)
+        for flat, weight in zip(flats, weights, strict=True):
+            acc.add_(flat[start:end].float(), alpha=float(weight))
         if check_finite:
             finite = finite and math.isfinite(float(acc.sum()))
         if normalize:

@@ -153,61 +153,92 @@ def merge_task_vectors(
         _select(specs, zeros, clean, n, block)
     for plan, flat in zip(specs, flats, strict=True):
         plan.measure_rescale(flat_base, flat, n, block, shape2d)
-    out = torch.empty(n, dtype=out_dtype)
     weight_list = [float(w) for w in weights]
     total_weight = float(torch.tensor(weight_list, dtype=torch.float32).sum())
-    plain_divisor = 1.0 if abs(total_weight) < 1e-8 else total_weight
+    combine = _Combine(
+        flat_base,
+        flats,
+        specs,
+        weight_list,
+        consensus,
+        normalize,
+        1.0 if abs(total_weight) < 1e-8 else total_weight,
+        lambda_,
+        shape2d,
+        torch.empty(n, dtype=out_dtype),
+    )
+    fused = native.handles(flat_base, *flats, combine.out)
+    run_block = combine.with_kernels if fused else combine.with_torch
     finite = True
-    fused = native.handles(flat_base, *flats, out)
     for number, start, end in block_ranges(n, block):
-        if fused:
-            trims, masks = [], []  # masks must outlive the call
-            for plan, flat, weight in zip(specs, flats, weight_list, strict=True):
-                trim = plan.native_trim(start, end, weight)
-                if trim.mode == native.TRIM_GIVEN:
-                    masks.append(plan.drawn_keep(flat_base, flat, number, start, end, shape2d))
-                    trim.keep = masks[-1].data_ptr()
-                trims.append(trim)
-            block_finite = native.family_block(
-                flat_base,
-                flats,
-                trims,
-                start,
-                end,
-                consensus=consensus,
-                normalize=normalize,
-                plain_divisor=plain_divisor,
-                lambda_=lambda_,
-                out=out,
-                check_finite=check_finite and finite,
-            )
-            finite = finite and block_finite
-            continue
-        b = flat_base[start:end].float()
+        # NaN and Inf survive every mask and weight (x * 0 is NaN for them), so checking the
+        # combined values finds them; which input it was is settled below.
+        finite = run_block(number, start, end, check_finite and finite) and finite
+    if not finite:
+        _name_the_non_finite_input(flat_base, flats)
+    return combine.out.reshape(base.shape)
+
+
+@dataclass
+class _Combine:
+    """The combining pass over one tensor, one block at a time, into `out`. The C kernel and
+    the torch code compute the same float32 operations in the same order."""
+
+    base: torch.Tensor
+    models: list[torch.Tensor]
+    plans: list[_ModelPlan]
+    weights: list[float]
+    consensus: str | None
+    normalize: bool
+    plain_divisor: float
+    lambda_: float
+    shape2d: tuple[int, int]
+    out: torch.Tensor
+
+    def with_kernels(self, number: int, start: int, end: int, check_finite: bool) -> bool:
+        """One block through the C kernel; False when a combined value is not finite."""
+        trims, masks = [], []  # masks must outlive the call
+        for plan, model, weight in zip(self.plans, self.models, self.weights, strict=True):
+            trim = plan.native_trim(start, end, weight)
+            if trim.mode == native.TRIM_GIVEN:
+                masks.append(plan.drawn_keep(self.base, model, number, start, end, self.shape2d))
+                trim.keep = masks[-1].data_ptr()
+            trims.append(trim)
+        return native.family_block(
+            self.base,
+            self.models,
+            trims,
+            start,
+            end,
+            consensus=self.consensus,
+            normalize=self.normalize,
+            plain_divisor=self.plain_divisor,
+            lambda_=self.lambda_,
+            out=self.out,
+            check_finite=check_finite,
+        )
+
+    def with_torch(self, number: int, start: int, end: int, check_finite: bool) -> bool:
+        """One block with torch ops (any device); False when a combined value is not finite."""
+        b = self.base[start:end].float()
         weighted = []
-        for i, plan in enumerate(specs):
-            d = plan.sparsify(torch.sub(flats[i][start:end], b), number, start, shape2d)
-            d.mul_(weight_list[i])
-            weighted.append(d)
-        if consensus is not None:
-            mixed, divisor = disjoint_merge(weighted, weight_list, consensus)
+        for plan, model, weight in zip(self.plans, self.models, self.weights, strict=True):
+            d = plan.sparsify(torch.sub(model[start:end], b), number, start, self.shape2d)
+            weighted.append(d.mul_(weight))
+        if self.consensus is not None:
+            mixed, divisor = disjoint_merge(weighted, self.weights, self.consensus)
         else:
             mixed = weighted[0]
             for w in weighted[1:]:
                 mixed.add_(w)
-            divisor = plain_divisor
-        if check_finite and finite:
-            # NaN and Inf survive every mask and weight (x * 0 is NaN for them), so one sum
-            # per block finds them; which input it was is settled below.
-            finite = math.isfinite(float(mixed.sum()))
-        if normalize:
+            divisor = self.plain_divisor
+        finite = not check_finite or math.isfinite(float(mixed.sum()))
+        if self.normalize:
             mixed.div_(divisor)
-        if lambda_ != 1:
-            mixed.mul_(lambda_)
-        out[start:end].copy_(mixed.add_(b))
-    if not finite:
-        _name_the_non_finite_input(flat_base, flats)
-    return out.reshape(base.shape)
+        if self.lambda_ != 1:
+            mixed.mul_(self.lambda_)
+        self.out[start:end].copy_(mixed.add_(b))
+        return finite
 
 
 def _name_the_non_finite_input(base: torch.Tensor, flats: list[torch.Tensor]) -> None:

@@ -4,8 +4,8 @@
  *
  * Each kernel reproduces, operation for operation, the float32 arithmetic of the torch code it
  * replaces (mergesmith.methods.task_arithmetic, methods.linear, ops.rank_cut): the same
- * operations in the same order, each rounded to float32, no fused multiply-add (built with
- * -ffp-contract=off). The output bytes are therefore the same on both paths; the test suite
+ * operations in the same order, each rounded to float32, with fused multiply-adds only where
+ * torch fuses them too (written as fmaf; the compiler fuses nothing itself: -ffp-contract=off). The output bytes are therefore the same on both paths; the test suite
  * checks this. The gain is that one pass reads each input once and writes the output once,
  * where the torch code makes a dozen passes over block-sized temporaries.
  */
@@ -278,11 +278,13 @@ KERNEL int ms_family_block(const void *base, int32_t base_dtype, const void *con
 
 /* ------------------------------------------------------------------ linear */
 
-/* One block of methods.linear: sum_j w_j x_j, divided by `total` when normalising. */
+/* One block of methods.linear: sum_j w_j x_j, divided by `total` when normalising. Each term is
+ * a fused multiply-add onto a sum that starts at +0, as torch's add(alpha=) and mergekit's
+ * addcmul_ compute it on FMA-capable CPUs; fmaf rounds once on every CPU. */
 KERNEL int ms_linear_block(const void *const *models, const int32_t *model_dtypes,
-                    const float *weights, int32_t k, int64_t start, int64_t count,
-                    int32_t normalize, float total, void *out, int32_t out_dtype,
-                    int32_t *nonfinite) {
+                           const float *weights, int32_t k, int64_t start, int64_t count,
+                           int32_t normalize, float total, void *out, int32_t out_dtype,
+                           int32_t *nonfinite) {
     float *scratch = malloc(sizeof(float) * CHUNK * 2);
     if (scratch == NULL) return -1;
     float *acc = scratch;
@@ -290,11 +292,11 @@ KERNEL int ms_linear_block(const void *const *models, const int32_t *model_dtype
     for (int64_t at = 0; at < count; at += CHUNK) {
         int64_t n = count - at < CHUNK ? count - at : CHUNK;
         int64_t offset = start + at;
-        load_f32(models[0], model_dtypes[0], offset, n, acc);
-        for (int64_t i = 0; i < n; i++) acc[i] = acc[i] * weights[0];
-        for (int32_t j = 1; j < k; j++) {
+        for (int64_t i = 0; i < n; i++) acc[i] = 0.0f;
+        for (int32_t j = 0; j < k; j++) {
+            const float weight = weights[j];
             load_f32(models[j], model_dtypes[j], offset, n, x);
-            for (int64_t i = 0; i < n; i++) acc[i] = acc[i] + x[i] * weights[j];
+            for (int64_t i = 0; i < n; i++) acc[i] = fmaf(x[i], weight, acc[i]);
         }
         if (nonfinite != NULL && !*nonfinite && !all_finite(acc, n)) *nonfinite = 1;
         if (normalize)
