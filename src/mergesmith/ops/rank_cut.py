@@ -6,6 +6,9 @@ brackets each cut's key; one sweep counts the entries below the bracket and at i
 collects the few strictly inside; a quickselect among those gives the key. Only a cut that
 splits a run of equal keys needs its index found, by a count-then-locate rescan. If a bracket
 misses (rare), it widens and the sweep reruns.
+
+Requests whose keys the C kernels can compute themselves (`NativeKeys`) sweep and rescan there,
+a pass each at memory speed; the others run the torch code below. Both count the same entries.
 """
 
 from __future__ import annotations
