@@ -82,6 +82,10 @@ FAMILY_CASES = [
     (None, None, None, False, 1.0, False),
     (None, "sum", None, True, 1.0, False),
     (None, "count", None, False, 2.0, False),
+    ("random", "sum", [0.5, 0.7, 0.3], False, 1.0, True),
+    ("random", None, [0.4, 0.4, 0.9], False, 1.0, False),
+    ("della_magprune", "sum", [0.5, 0.6, 0.4], True, 1.0, True),
+    ("della_magprune", None, [0.5, 0.6, 0.4], False, 0.8, False),
 ]
 
 
@@ -91,12 +95,12 @@ FAMILY_CASES = [
 @pytest.mark.parametrize("quantized", [True, False], ids=["ties", "distinct"])
 def test_family_matches_torch(case, dtype: torch.dtype, quantized: bool) -> None:
     sparsifier, consensus, densities, normalize, lambda_, rescale = case
-    n = 2 * BLOCK + 12345  # three blocks, the last one short
-    base, models = inputs(n, dtype, seed=len(str(case)), quantized=quantized)
+    shape = (1021, 613)  # three blocks, the last one short; DELLA's rows do not fill a block
+    base, models = inputs(shape[0] * shape[1], dtype, seed=len(str(case)), quantized=quantized)
     got, expected = both_paths(
         merge_task_vectors,
-        base,
-        models,
+        base.reshape(shape),
+        [m.reshape(shape) for m in models],
         [1.0, 0.5, -0.7],
         densities=densities,
         sparsifier=sparsifier,
@@ -105,6 +109,8 @@ def test_family_matches_torch(case, dtype: torch.dtype, quantized: bool) -> None
         rescale=rescale,
         lambda_=lambda_,
         gammas=[0.01, 0.1, 0.0],
+        epsilons=[0.1, 0.2, 0.05],
+        seeds=[11, 12, 13],
         check_finite=True,
     )
     assert got.dtype == expected.dtype == dtype

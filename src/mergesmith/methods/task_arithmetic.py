@@ -203,6 +203,8 @@ class _Combine:
             if trim.mode == native.TRIM_GIVEN:
                 masks.append(plan.drawn_keep(self.base, model, number, start, end, self.shape2d))
                 trim.keep = masks[-1].data_ptr()
+                if masks[-1].dtype == torch.uint8:
+                    trim.mode = native.TRIM_GIVEN_BITS
             trims.append(trim)
         return native.family_block(
             self.base,
@@ -320,6 +322,10 @@ def _cut_mask(
     return fm.at_least(magnitude, cut.key) if equal_kept else fm.above(magnitude, cut.key)
 
 
+# Sparsifiers whose masks are drawn from a generator, not cut by magnitude.
+_DRAWN_KINDS = ("random", "della_magprune")
+
+
 def _key_index(cut: Cut) -> tuple[float, int]:
     # Indices past either end (-1, 2**62) mean every equal key is kept; int64 holds both.
     return cut.key, cut.index
@@ -366,6 +372,12 @@ class _ModelPlan:
         self.upper: Cut | None = None  # ...and at or before this one
         self.keep_none = False
         self.factor = 1.0
+        # Random masks drawn while measuring for `rescale`, one bit per entry, each block's at
+        # `block_bytes` * its number: the combining pass reuses them instead of drawing again
+        # (drawing costs more than the rest of the merge). Only the C kernel reads these. One
+        # buffer, not one per block: small long-lived allocations pin freed memory in the heap.
+        self.drawn_bits: torch.Tensor | None = None
+        self.block_bytes = 0
 
     def cut_request(self, base: torch.Tensor, model: torch.Tensor, n: int) -> CutRequest | None:
         """What this model needs from the shared selection sweep, if anything."""
@@ -419,10 +431,20 @@ class _ModelPlan:
         if not self.rescale or self.kind is None or self.keep_none:
             return
         total = kept = 0.0
+        if self.kind in _DRAWN_KINDS and native.handles(base, model):
+            self.block_bytes = (block + 7) // 8
+            self.drawn_bits = torch.empty(self.block_bytes * -(-n // block), dtype=torch.uint8)
         for number, start, end in block_ranges(n, block):
             d = torch.sub(model[start:end], base[start:end].float())
             total += float(d.abs().sum())
-            kept += float(self.sparsify(d, number, start, shape2d).abs_().sum())
+            if self.drawn_bits is not None:
+                # What sparsify does for these kinds (the factor is still 1), keeping the mask.
+                keep = self.keep(d, number, start, shape2d)
+                assert keep is not None
+                native.pack_mask(keep, self._drawn_block(number))
+                kept += float(d.mul_(keep).abs_().sum())
+            else:
+                kept += float(self.sparsify(d, number, start, shape2d).abs_().sum())
         if total >= RESCALE_EPS and kept >= RESCALE_EPS:
             self.factor = total / kept
 
@@ -457,11 +479,18 @@ class _ModelPlan:
         end: int,
         shape2d: tuple[int, int],
     ) -> torch.Tensor:
-        """`keep` for the random sparsifiers, for block [start, end) of flat inputs."""
+        """`keep` for the random sparsifiers, for block [start, end) of flat inputs: float 0/1,
+        or the bits kept from measuring (uint8)."""
+        if self.drawn_bits is not None:
+            return self._drawn_block(number)
         if self.kind == "random":
             return self._random_keep(end - start, number, base.device)
         delta = torch.sub(model[start:end], base[start:end].float())
         return self._della_keep(delta.abs_(), number, shape2d)
+
+    def _drawn_block(self, number: int) -> torch.Tensor:
+        assert self.drawn_bits is not None
+        return self.drawn_bits[number * self.block_bytes : (number + 1) * self.block_bytes]
 
     def _random_keep(self, size: int, number: int, device: torch.device) -> torch.Tensor:
         draws = torch.rand(size, generator=block_generator(self.seed, number))
@@ -505,7 +534,7 @@ class _ModelPlan:
         if self.keep_none:
             trim.mode = native.TRIM_TIMES_ZERO
             return trim
-        if self.kind in ("random", "della_magprune"):
+        if self.kind in _DRAWN_KINDS:
             trim.mode = native.TRIM_GIVEN  # the caller supplies drawn_keep's mask
             return trim
         cuts = [c for c in (self.lower, self.upper) if c is not None]

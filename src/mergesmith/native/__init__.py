@@ -18,11 +18,11 @@ from functools import cache
 
 import torch
 
-ABI = 2  # must match MS_ABI in kernels.c
+ABI = 3  # must match MS_ABI in kernels.c
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-TRIM_KEEP_ALL, TRIM_TIMES_ZERO, TRIM_SHRINK, TRIM_MASK, TRIM_GIVEN = 0, 1, 2, 3, 4
+TRIM_KEEP_ALL, TRIM_TIMES_ZERO, TRIM_SHRINK, TRIM_MASK, TRIM_GIVEN, TRIM_GIVEN_BITS = range(6)
 SMALL_NONE, SMALL_SHRINK, SMALL_ZEROS = 0, 1, 2
 CONSENSUS = {None: 0, "sum": 1, "count": 2}
 
@@ -289,3 +289,12 @@ def sample_keys(
         sample.data_ptr(),
     )
     return sample
+
+
+def pack_mask(keep: torch.Tensor, into: torch.Tensor) -> None:
+    """A float 0/1 mask as bits into `into` (uint8): entry i is bit i % 8 of byte i // 8, as
+    TRIM_GIVEN_BITS reads them."""
+    import numpy as np
+
+    bits = np.packbits(keep.numpy() != 0, bitorder="little")
+    into[: bits.size].copy_(torch.from_numpy(bits))

@@ -18,7 +18,7 @@
 #include <string.h>
 
 /* Bumped whenever a signature or a struct below changes; the loader refuses a stale build. */
-#define MS_ABI 2
+#define MS_ABI 3
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
@@ -104,6 +104,7 @@ enum {
     TRIM_SHRINK = 2,     /* hardshrink-style cuts, in blocks no tie run is split in */
     TRIM_MASK = 3,       /* exact (key, index) cuts, in the block where a tie run is split */
     TRIM_GIVEN = 4,      /* delta * keep[i], a 0/1 mask drawn by torch (DARE, DELLA) */
+    TRIM_GIVEN_BITS = 5, /* the same mask as bits: entry i is bit i % 8 of byte i / 8 */
 };
 
 enum { SMALL_NONE = 0, SMALL_SHRINK = 1, SMALL_ZEROS = 2 };
@@ -125,7 +126,7 @@ typedef struct {
     int32_t has_factor;  /* rescale */
     float factor;
     float weight;
-    const float *keep;   /* TRIM_GIVEN: the block's mask, indexed from the block's start */
+    const void *keep;    /* TRIM_GIVEN(_BITS): the block's mask, indexed from its start */
 } Trim;
 
 static inline float hardshrink(float x, float limit) {
@@ -136,8 +137,16 @@ HELPER void trim_chunk(const Trim *t, float *restrict d, int64_t first_index, in
                        int64_t into_block) {
     switch (t->mode) {
     case TRIM_GIVEN: {
-        const float *restrict keep = t->keep + into_block;
+        const float *restrict keep = (const float *)t->keep + into_block;
         for (int64_t i = 0; i < count; i++) d[i] = d[i] * keep[i];
+        break;
+    }
+    case TRIM_GIVEN_BITS: {
+        const uint8_t *restrict bits = (const uint8_t *)t->keep;
+        for (int64_t i = 0; i < count; i++) {
+            int64_t at = into_block + i;
+            d[i] = d[i] * (float)((bits[at >> 3] >> (at & 7)) & 1);
+        }
         break;
     }
     case TRIM_KEEP_ALL:
