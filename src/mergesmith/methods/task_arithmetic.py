@@ -326,11 +326,6 @@ def _cut_mask(
 _DRAWN_KINDS = ("random", "della_magprune")
 
 
-def _key_index(cut: Cut) -> tuple[float, int]:
-    # Indices past either end (-1, 2**62) mean every equal key is kept; int64 holds both.
-    return cut.key, cut.index
-
-
 def _block_size(shape: torch.Size, sparsifier: str | None) -> int:
     if sparsifier != "della_magprune":
         return BLOCK
@@ -540,10 +535,13 @@ class _ModelPlan:
         cuts = [c for c in (self.lower, self.upper) if c is not None]
         if any(start <= c.index < end for c in cuts):
             trim.mode, trim.descending = native.TRIM_MASK, int(self.kind == "magnitude")
+            # Indices past either end (-1, 2**62) mean every equal key is kept; int64 holds both.
             if self.lower is not None:
-                trim.has_lower, trim.lower_key, trim.lower_index = 1, *_key_index(self.lower)
+                trim.has_lower, trim.lower_key = 1, self.lower.key
+                trim.lower_index = self.lower.index
             if self.upper is not None:
-                trim.has_upper, trim.upper_key, trim.upper_index = 1, *_key_index(self.upper)
+                trim.has_upper, trim.upper_key = 1, self.upper.key
+                trim.upper_index = self.upper.index
             return trim
         # The same limits as _trim_by_cuts, as hardshrink thresholds.
         trim.mode = native.TRIM_SHRINK

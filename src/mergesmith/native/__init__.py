@@ -103,6 +103,13 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
+def _loaded() -> ctypes.CDLL:
+    """The library, for callers that checked `handles` first."""
+    lib = _library()
+    assert lib is not None, "a kernel was called where handles() said the torch code runs"
+    return lib
+
+
 def available() -> bool:
     """Whether the C kernels are built, current and not switched off."""
     return _library() is not None
@@ -146,18 +153,14 @@ def family_block(
 ) -> bool:
     """One block of the task-vector family into `out` (flat); returns False when a combined
     value was NaN or infinite (only looked for when `check_finite`)."""
-    lib = _library()
-    assert lib is not None
     pointers, dtypes = _pointers(models)
-    trim_array = (Trim * len(trims))(*trims)
-    nonfinite = ctypes.c_int32(0)
-    status = lib.ms_family_block(
+    arguments = (
         base.data_ptr(),
         _DTYPES[base.dtype],
         pointers,
         dtypes,
         len(models),
-        trim_array,
+        (Trim * len(trims))(*trims),
         start,
         end - start,
         CONSENSUS[consensus],
@@ -165,13 +168,8 @@ def family_block(
         plain_divisor,
         int(lambda_ != 1),
         lambda_,
-        out.data_ptr(),
-        _DTYPES[out.dtype],
-        ctypes.byref(nonfinite) if check_finite else None,
     )
-    if status != 0:
-        raise KernelError("no memory for the kernel's scratch buffers")
-    return not nonfinite.value
+    return _combine_into(_loaded().ms_family_block, arguments, out, check_finite)
 
 
 def linear_block(
@@ -186,25 +184,26 @@ def linear_block(
     check_finite: bool,
 ) -> bool:
     """One block of the weighted sum into `out` (flat); False when a sum was not finite."""
-    lib = _library()
-    assert lib is not None
     pointers, dtypes = _pointers(models)
-    weight_array = (ctypes.c_float * len(weights))(*weights)
-    nonfinite = ctypes.c_int32(0)
-    status = lib.ms_linear_block(
+    arguments = (
         pointers,
         dtypes,
-        weight_array,
+        (ctypes.c_float * len(weights))(*weights),
         len(models),
         start,
         end - start,
         int(normalize),
         total,
-        out.data_ptr(),
-        _DTYPES[out.dtype],
-        ctypes.byref(nonfinite) if check_finite else None,
     )
-    if status != 0:
+    return _combine_into(_loaded().ms_linear_block, arguments, out, check_finite)
+
+
+def _combine_into(kernel, arguments: tuple, out: torch.Tensor, check_finite: bool) -> bool:
+    """Call a combining kernel, whose last arguments are always the output, its dtype and the
+    non-finite flag (NULL: do not look); False when a combined value was not finite."""
+    nonfinite = ctypes.c_int32(0)
+    flag = ctypes.byref(nonfinite) if check_finite else None
+    if kernel(*arguments, out.data_ptr(), _DTYPES[out.dtype], flag) != 0:
         raise KernelError("no memory for the kernel's scratch buffers")
     return not nonfinite.value
 
@@ -219,8 +218,7 @@ def bracket_sweep(
     """Over all of |model - base| (negated when descending): counts below lo, equal to lo and
     equal to hi, and the keys strictly between with their flat indices, in index order. None
     when a key is NaN (the keys have no order)."""
-    lib = _library()
-    assert lib is not None
+    lib = _loaded()
     n = base.numel()
     capacity = min(n, max(4096, n // 32))
     tally = (ctypes.c_int64 * 3)()
@@ -254,8 +252,7 @@ def locate_equal(
     base: torch.Tensor, model: torch.Tensor, descending: bool, key: float, among: int
 ) -> int:
     """The flat index of the `among`-th entry (from 0) whose key equals `key`; -1 if none."""
-    lib = _library()
-    assert lib is not None
+    lib = _loaded()
     return int(
         lib.ms_locate_equal(
             base.data_ptr(),
@@ -274,8 +271,7 @@ def sample_keys(
     base: torch.Tensor, model: torch.Tensor, descending: bool, size: int
 ) -> torch.Tensor:
     """The keys at min(n, size) evenly spaced positions (those of rank_cut.sample_positions)."""
-    lib = _library()
-    assert lib is not None
+    lib = _loaded()
     count = min(base.numel(), size)
     sample = torch.empty(count, dtype=torch.float32)
     lib.ms_sample_keys(
