@@ -56,10 +56,10 @@ def run_method(
     """Call a registered method as the engine does: defaults filled in, unknown names dropped."""
     method = get_method(name)
     assert method is not None
-    full = {p.name: p.default for p in method.params if not p.per_model}
-    full.update(params or {})
-    defaults = {p.name: p.default for p in method.params if p.per_model and not p.required}
     names = {p.name for p in method.params}
+    full = {p.name: p.default for p in method.params if not p.per_model}
+    full.update({k: v for k, v in (params or {}).items() if k in names})
+    defaults = {p.name: p.default for p in method.params if p.per_model and not p.required}
     filled = [defaults | {k: v for k, v in m.items() if k in names} for m in model_params]
     return method.run(
         MethodInputs(base, models, full, filled, seeds if seeds is not None else [0] * len(models))

@@ -333,19 +333,19 @@ def test_della_out_of_range_density_epsilon_is_a_config_error(
     name: str, values: dict[str, float]
 ) -> None:
     method = get_method(name)
-    assert method is not None and method.extra_checks is not None
-    assert method.extra_checks({"weight": 1.0, **values})
+    assert method is not None and method.check_model is not None
+    assert method.check_model({"weight": 1.0, **values})
 
 
 @pytest.mark.parametrize("values", [{"density": 0.5, "epsilon": 0.15}, {"density": 0.5}])
 def test_della_in_range_density_epsilon_is_accepted(values: dict[str, float]) -> None:
     method = get_method("della")
-    assert method is not None and method.extra_checks is not None
-    assert method.extra_checks({"weight": 1.0, **values}) is None
+    assert method is not None and method.check_model is not None
+    assert method.check_model({"weight": 1.0, **values}) is None
 
 
 def test_della_density_zero_is_a_config_error() -> None:
     # d - eps = -0.15 <= 0. The spec states the bound without exception for d <= 0.
     method = get_method("della")
-    assert method is not None and method.extra_checks is not None
-    assert method.extra_checks({"weight": 1.0, "density": 0.0, "epsilon": 0.15})
+    assert method is not None and method.check_model is not None
+    assert method.check_model({"weight": 1.0, "density": 0.0, "epsilon": 0.15})

@@ -10,10 +10,19 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from mergesmith.methods import MethodInputs, get_method
-from mergesmith.methods.linear import linear
-from mergesmith.methods.slerp import slerp
+from mergesmith.methods import linear as linear_module
+from mergesmith.methods import slerp as slerp_module
+from tests.conftest import run_method
 
 ROOT_HALF = 1.0 / math.sqrt(2.0)
+
+
+def linear(models: list[torch.Tensor], weights: list[float], normalize: bool) -> torch.Tensor:
+    return linear_module.linear(None, models, weight=weights, normalize=normalize)
+
+
+def slerp(t: float, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return slerp_module.slerp(a, [b], t=t)
 
 
 def _t(values: list[float]) -> torch.Tensor:
@@ -185,12 +194,9 @@ def test_slerp_matches_the_formula_in_float64(a: list[float], b: list[float], t:
 
 
 def test_passthrough_copies_the_tensor_without_scale() -> None:
-    method = get_method("passthrough")
-    assert method is not None
     x = torch.tensor([[1.0, -2.0], [3.5, 0.0]])
     for per_model in ({}, {"scale": None}):
-        got = method.run(MethodInputs(None, [x], {}, [per_model], [0]))
-        assert torch.equal(got, x)
+        assert torch.equal(run_method("passthrough", None, [x], [per_model]), x)
 
 
 @pytest.mark.parametrize("scale", [2.5, -1.0, 0.0])

@@ -77,12 +77,25 @@ def test_unknown_method_suggests_the_closest(family) -> None:
     assert "did you mean 'ties'" in (info.value.hint or "")
 
 
-def test_parameter_of_another_method_is_an_error(family) -> None:
+def test_parameter_of_another_method_is_a_warning_and_changes_nothing(family) -> None:
+    """Published recipes carry parameters their method does not read (mergekit runs them)."""
     base, tuned = family
+    plain, _ = prepare(ties(base, tuned[0]))
     recipe = ties(base, tuned[0]).replace("density: 0.5", "density: 0.5, epsilon: 0.1")
+    plan, _ = prepare(recipe + "parameters: {t: 0.5}\n")
+    assert any("'epsilon' is not a parameter of ties; it is ignored" in w for w in plan.warnings)
+    assert any("'t' is not a parameter of ties" in w for w in plan.warnings)
+    assert [j.model_params for j in plan.jobs] == [j.model_params for j in plain.jobs]
+    assert [j.params for j in plan.jobs] == [j.params for j in plain.jobs]
+
+
+def test_parameter_no_method_reads_is_an_error_naming_the_closest(family) -> None:
+    base, tuned = family
+    recipe = ties(base, tuned[0]).replace("density: 0.5", "densty: 0.5")
     with pytest.raises(MergeError) as info:
         prepare(recipe)
-    assert "'epsilon' is not a parameter of ties" in all_messages(info.value)
+    assert "'densty' is not a parameter of ties" in all_messages(info.value)
+    assert "did you mean 'density'" in (info.value.hint or "")
 
 
 def test_global_parameter_set_per_model_is_an_error(family) -> None:

@@ -205,12 +205,19 @@ def methods() -> None:
     from mergesmith.methods.registry import all_methods
 
     for method in all_methods():
-        base = "needs base_model" if method.needs_base else "no base needed"
-        click.echo(f"{method.name}: {method.description} ({base})")
+        click.echo(f"{method.name}: {method.description} ({_BASE_RULES[method.base]})")
         for p in method.params:
             scope = "per model" if p.per_model else "global"
             default = "required" if p.required else f"default {_show(p.default)}"
             click.echo(f"    {p.name:<17} {p.kind.__name__:<6} {scope:<9} {default:<16} {p.help}")
+
+
+_BASE_RULES = {
+    "reference": "needs base_model",
+    "optional": "base_model optional",
+    "input": "no base needed",
+    "input_warned": "no base: a base_model is merged as one more model",
+}
 
 
 def _show(value: Any) -> str:

@@ -19,7 +19,7 @@ import torch
 
 from mergesmith.dtypes import to_torch
 from mergesmith.errors import MergeError
-from mergesmith.methods.registry import MergeMethod, MethodInputs, NonFiniteInput
+from mergesmith.methods.registry import MergeMethod, MethodInputs
 from mergesmith.plan import Plan, TensorInput, TensorJob
 from mergesmith.sources.base import ModelSource
 
@@ -191,31 +191,45 @@ def compute(
     device: torch.device,
     allow_nonfinite: bool = False,
 ) -> torch.Tensor:
-    """One output tensor, in its output dtype, on the CPU."""
+    """One output tensor, in its output dtype, on the CPU.
+
+    Unless `allow_nonfinite`, NaN and Inf are looked for here, once for every method: in the
+    inputs before the method runs, or, for a method through which they always reach the output,
+    in the output (one tensor rather than all inputs), and the input holding them is named."""
     if job.copy_only:
         return _load(sources, job.inputs[0], device)
     base = _load(sources, job.base, device) if job.base else None
     models = [_load(sources, inp, device) for inp in job.inputs]
+    loaded = [(job.base, base)] if job.base else []
+    loaded += list(zip(job.inputs, models, strict=True))
+    if not allow_nonfinite and method.finite_check == "inputs":
+        _require_finite(loaded)
     inputs = MethodInputs(
-        base,
-        models,
-        job.params,
-        job.model_params,
-        job.seeds,
-        out_dtype=to_torch(job.dtype),
-        check_finite=not allow_nonfinite,
+        base, models, job.params, job.model_params, job.seeds, out_dtype=to_torch(job.dtype)
     )
-    try:
-        result = method.run(inputs)
-    except NonFiniteInput as exc:
-        culprit = job.base if exc.model < 0 else job.inputs[exc.model]
-        assert culprit is not None
+    result = method.run(inputs).to(dtype=to_torch(job.dtype))
+    if not allow_nonfinite and not _all_finite(result):
+        _require_finite(loaded)
         raise MergeError(
-            f"model '{culprit.model}': tensor '{culprit.name}' holds NaN or infinite values",
-            "the checkpoint is damaged or diverged; use --allow-nonfinite to merge it anyway",
-        ) from None
-    del base, models
-    return result.to(dtype=to_torch(job.dtype)).cpu()
+            f"merged tensor '{job.name}' has values too large for {job.dtype}",
+            "the weights scale the models up too far; lower them, or set a wider 'dtype'",
+        )
+    del base, models, loaded
+    return result.cpu()
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    return bool(torch.isfinite(tensor).all())
+
+
+def _require_finite(loaded: list[tuple[TensorInput, torch.Tensor]]) -> None:
+    """Raise naming the first input (base first) that holds NaN or Inf, if any."""
+    for inp, tensor in loaded:
+        if tensor.is_floating_point() and not _all_finite(tensor):
+            raise MergeError(
+                f"model '{inp.model}': tensor '{inp.name}' holds NaN or infinite values",
+                "the checkpoint is damaged or diverged; use --allow-nonfinite to merge it anyway",
+            )
 
 
 def _load(

@@ -6,6 +6,7 @@ this module turns such a path back into a line number of the user's file.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 import yaml
@@ -45,6 +46,9 @@ def load_with_positions(text: str, source: str) -> tuple[Any, dict[Path, int]]:
     data = _Converter(source, lines).convert(node, ())
     return data, lines
 
+
+_STR = "tag:yaml.org,2002:str"
+_EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 
 # A recipe is a few hundred values; these bounds stop hostile YAML (alias bombs, cycles,
 # thousands of nested brackets) long before it costs time or memory.
@@ -104,6 +108,10 @@ class _Converter:
         return out
 
     def scalar(self, node: yaml.ScalarNode) -> Any:
+        if node.tag == _STR and node.style is None and _EXPONENT_FLOAT.fullmatch(node.value):
+            # YAML 1.1 wants a dot in a float, so `1e-5` would be the string '1e-5'; YAML 1.2
+            # and mergekit read it as the number that recipes mean by it.
+            return float(node.value)
         constructor = yaml.SafeLoader("")
         try:
             return constructor.construct_object(node, deep=True)

@@ -15,11 +15,13 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from string import Template
 from typing import Any
 
 import pytest
 
 from mergesmith.toymodels import make_family
+from tests.conformance.harness import MergekitBatch
 
 REPO = Path(__file__).resolve().parents[2]
 MERGEKIT_VERSION = "0.1.5"
@@ -149,3 +151,41 @@ def toy_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
         for i, folder in enumerate(tuned, start=1):
             paths[f"{prefix}ft{i}"] = str(folder)
     return paths
+
+
+@pytest.fixture(scope="module")
+def recipes(
+    request: pytest.FixtureRequest,
+    toy_models: dict[str, str],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> dict[str, Path]:
+    """The requesting module's RECIPES written as YAML files with the toy models' paths."""
+    folder = tmp_path_factory.mktemp("recipes")
+    paths = {}
+    for case, text in request.module.RECIPES.items():
+        path = folder / f"{case}.yml"
+        path.write_text(Template(text).substitute(toy_models), encoding="utf-8")
+        paths[case] = path
+    return paths
+
+
+@pytest.fixture(scope="module")
+def reference(
+    request: pytest.FixtureRequest,
+    mergekit_venv: Path,
+    recipes: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[MergekitBatch]:
+    """mergekit's outputs for the requesting module's recipes, computed in the background."""
+    # Only the recipes of the tests this session will run, so `-k ties` stays quick.
+    wanted = {
+        item.callspec.params["case"]
+        for item in request.session.items
+        if getattr(item, "module", None) is request.module
+        and hasattr(item, "callspec")
+        and "case" in item.callspec.params
+    }
+    selected = {case: path for case, path in recipes.items() if case in wanted}
+    batch = MergekitBatch(mergekit_venv, selected, tmp_path_factory.mktemp("mergekit"))
+    yield batch
+    batch.close()

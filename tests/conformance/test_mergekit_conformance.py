@@ -14,25 +14,27 @@ that the batch gives byte-identical output to the `mergekit-yaml` executable.
 
 from __future__ import annotations
 
-import json
 import subprocess
-import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from string import Template
 
 import pytest
 import torch
-from safetensors.torch import load_file
+
+from tests.conformance.harness import (
+    BATCH_TIMEOUT_S,
+    MERGEKIT_ARGS,
+    REL_TOL,
+    MergekitBatch,
+    assert_not_a_copy,
+    assert_tensors_match,
+    load_folder,
+    num_layers,
+    run_ours,
+)
 
 pytestmark = pytest.mark.conformance
-
-DRIVER = Path(__file__).with_name("mergekit_driver.py")
-MERGEKIT_ARGS = ["--random-seed", "0", "--quiet"]
-REL_TOL = 1e-5
-BATCH_TIMEOUT_S = 20 * 60
-OURS_TIMEOUT_S = 10 * 60
 
 # The recipe from the article the project started from (a mergekit TIES config), with float32
 # instead of float16 so that the comparison is exact (SEMANTICS.md 1: we compute in float32).
@@ -499,172 +501,6 @@ RECIPES: dict[str, str] = {
     **{k: v.recipe for k, v in SINGLE.items()},
     **MULTI,
 }
-
-
-# -- running both implementations ---------------------------------------------------------------
-
-
-class MergekitBatch:
-    """Every selected recipe through mergekit in one background process, started at once so
-    that it overlaps with our own merges."""
-
-    def __init__(self, venv: Path, recipes: Mapping[str, Path], work: Path) -> None:
-        self.work = work
-        self.results_path = work / "results.json"
-        self.log_path = work / "driver.log"
-        jobs = [
-            {"id": case, "config": str(path), "out": str(self.out(case)), "args": MERGEKIT_ARGS}
-            for case, path in recipes.items()
-        ]
-        jobs_path = work / "jobs.json"
-        jobs_path.write_text(json.dumps(jobs, indent=1), encoding="utf-8")
-        self._log = self.log_path.open("w", encoding="utf-8")
-        self._process = subprocess.Popen(
-            [str(venv / "bin" / "python"), str(DRIVER), str(jobs_path), str(self.results_path)],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self._results: dict[str, dict[str, object]] | None = None
-
-    def out(self, case: str) -> Path:
-        return self.work / "out" / case
-
-    def output(self, case: str) -> Path:
-        """mergekit's output folder for `case`, waiting for the batch the first time."""
-        if self._results is None:
-            try:
-                code = self._process.wait(timeout=BATCH_TIMEOUT_S)
-            except subprocess.TimeoutExpired:
-                self.close()
-                code = None
-            self._log.close()
-            self._results = (
-                json.loads(self.results_path.read_text(encoding="utf-8"))
-                if self.results_path.exists()
-                else {}
-            )
-            if code != 0 and not self._results:
-                pytest.fail(f"mergekit batch exited with {code}:\n{self._log_tail()}")
-        result = self._results.get(case)
-        if result is None:
-            pytest.fail(f"mergekit batch never ran '{case}':\n{self._log_tail()}")
-        if not result["ok"]:
-            pytest.fail(f"mergekit 0.1.5 failed on '{case}':\n{result['error']}")
-        return self.out(case)
-
-    def _log_tail(self) -> str:
-        return self.log_path.read_text(encoding="utf-8", errors="replace")[-4000:]
-
-    def close(self) -> None:
-        if self._process.poll() is None:
-            self._process.kill()
-            self._process.wait()
-        self._log.close()
-
-
-@pytest.fixture(scope="module")
-def recipes(
-    toy_models: dict[str, str], tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("recipes")
-    paths = {}
-    for case, text in RECIPES.items():
-        path = folder / f"{case}.yml"
-        path.write_text(Template(text).substitute(toy_models), encoding="utf-8")
-        paths[case] = path
-    return paths
-
-
-@pytest.fixture(scope="module")
-def reference(
-    request: pytest.FixtureRequest,
-    mergekit_venv: Path,
-    recipes: dict[str, Path],
-    tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[MergekitBatch]:
-    # Only the recipes of the tests this session will run, so `-k ties` stays quick.
-    wanted = {
-        item.callspec.params["case"]
-        for item in request.session.items
-        if getattr(item, "module", None) is request.module
-        and hasattr(item, "callspec")
-        and "case" in item.callspec.params
-    }
-    selected = {case: path for case, path in recipes.items() if case in wanted}
-    batch = MergekitBatch(mergekit_venv, selected, tmp_path_factory.mktemp("mergekit"))
-    yield batch
-    batch.close()
-
-
-def run_ours(recipe: Path, out: Path) -> Path:
-    done = subprocess.run(
-        [sys.executable, "-m", "mergesmith", "run", str(recipe), str(out), "--seed", "0", "-q"],
-        capture_output=True,
-        text=True,
-        timeout=OURS_TIMEOUT_S,
-        check=False,
-    )
-    if done.returncode != 0:
-        # pytest.fail, not assert: an xfail(raises=AssertionError) must not swallow a crash.
-        pytest.fail(f"mergesmith run exited with {done.returncode}:\n{done.stderr}")
-    return out
-
-
-# -- comparing ----------------------------------------------------------------------------------
-
-
-def load_folder(folder: Path) -> dict[str, torch.Tensor]:
-    """Every tensor of a model folder, whatever its sharding."""
-    tensors: dict[str, torch.Tensor] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        part = load_file(file)
-        assert not tensors.keys() & part.keys(), f"{file.name} repeats tensors of other shards"
-        tensors.update(part)
-    assert tensors, f"no safetensors files in {folder}"
-    return tensors
-
-
-def num_layers(folder: Path) -> int:
-    return json.loads((folder / "config.json").read_text(encoding="utf-8"))["num_hidden_layers"]
-
-
-def assert_tensors_match(
-    ours: Mapping[str, torch.Tensor], ref: Mapping[str, torch.Tensor], rel: float = REL_TOL
-) -> None:
-    """Same names, shapes and dtypes; max |ours - ref| <= rel * max |ref| for every tensor."""
-    missing, extra = sorted(ref.keys() - ours.keys()), sorted(ours.keys() - ref.keys())
-    assert not missing and not extra, f"missing {missing[:5]}, unexpected {extra[:5]}"
-    bad = []
-    for name, expected in ref.items():
-        got = ours[name]
-        if got.shape != expected.shape or got.dtype != expected.dtype:
-            bad.append(
-                (
-                    float("inf"),
-                    f"{name}: {got.dtype}{list(got.shape)} vs "
-                    f"{expected.dtype}{list(expected.shape)}",
-                )
-            )
-            continue
-        error = (got.double() - expected.double()).abs().max().item()
-        scale = expected.abs().max().item()
-        if error > rel * scale:
-            bad.append(
-                (error / max(scale, 1e-30), f"{name}: max error {error:.3g} (scale {scale:.3g})")
-            )
-    bad.sort(reverse=True)
-    assert not bad, f"{len(bad)}/{len(ref)} tensors differ; worst:\n" + "\n".join(
-        line for _, line in bad[:8]
-    )
-
-
-def assert_not_a_copy(merged: Mapping[str, torch.Tensor], inputs: list[Path]) -> None:
-    """Guard against vacuous recipes: a merge equal to one of its inputs would match trivially."""
-    for folder in inputs:
-        model = load_folder(folder)
-        assert any(not torch.equal(merged[n], model[n]) for n in merged), (
-            f"the merge is a copy of {folder.name}; the recipe tests nothing"
-        )
 
 
 # -- deterministic recipes ----------------------------------------------------------------------

@@ -2,36 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Annotated
+
 import torch
 
-from mergesmith.methods.registry import (
-    MergeMethod,
-    MethodInputs,
-    ParamSpec,
-    register,
-    require_finite,
+from mergesmith.methods.registry import INPUT, Param, PerModel, merge_method, whole_tensor
+
+
+@merge_method(
+    "passthrough",
+    "copy one model's tensor (per slice), optionally times 'scale'",
+    base=INPUT,
+    models=(1, 1),
+    memory=whole_tensor(float32_copies_per_input=0, float32_copies=1),
+    finite_check="output",
 )
-
-
-def _run(inputs: MethodInputs) -> torch.Tensor:
-    scale = inputs.model_params[0].get("scale")
-    tensor = inputs.models[0]
-    if inputs.check_finite:
-        require_finite(None, tensor, 0)
-    out_dtype = inputs.out_dtype or torch.float32
-    if scale is None:
+def passthrough(
+    base: torch.Tensor | None,
+    models: Sequence[torch.Tensor],
+    *,
+    scale: Annotated[PerModel[float | None], Param("multiply the tensor by this", default=None)],
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The one model's tensor, times its `scale` when one is set."""
+    (tensor,), (factor,) = models, scale
+    if factor is None:
         return tensor.to(out_dtype)
-    return (tensor.float() * scale).to(out_dtype)
-
-
-register(
-    MergeMethod(
-        name="passthrough",
-        description="copy one model's tensor (per slice), optionally times 'scale'",
-        params=(ParamSpec("scale", float, True, None, "multiply the tensor by this"),),
-        run=_run,
-        needs_base=False,
-        base_is_input=True,
-        max_models=1,
-    )
-)
+    return (tensor.float() * factor).to(out_dtype)

@@ -1,20 +1,82 @@
-"""Merge methods by name: a function on tensors plus a small spec of its parameters."""
+"""The method interface: a merge method is one typed function, its signature its parameter spec.
+
+A method module defines a function and decorates it with `merge_method(...)`:
+
+    @merge_method("nearswap", "move the base toward the model where they are near", base=REQUIRED,
+                  models=(1, 1), memory=whole_tensor(float32_copies=3))
+    def nearswap(
+        base: Tensor | None,
+        models: Sequence[Tensor],
+        *,
+        t: Annotated[float, Param("distance scale", check=positive)],
+    ) -> Tensor: ...
+
+Keyword-only parameters are the recipe's parameters. A plain type (`float`, `bool`, `int`,
+`str | None`) is global: one value for the whole tensor, its Python default the method's
+default. `Sequence[float]` (with `PerModel`) is per model: the method receives one value per
+model, in the order of `models`, and `Param(default=...)` holds the default. `seeds` and
+`out_dtype`, when declared, receive one seed per model and the output dtype.
+
+Modules under `mergesmith.methods` are found by importing the package's modules, so adding a
+method is adding one file. Checks common to every method (finite inputs, shapes, model counts,
+the base rule, parameter types and ranges) run in the plan and the engine, never in a method.
+"""
 
 from __future__ import annotations
 
+import importlib
+import inspect
+import pkgutil
+import types
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypeVar, get_args, get_origin
 
 if TYPE_CHECKING:
     import torch
 
-REQUIRED = object()
+REQUIRED: Any = object()
+
+# How a method treats `base_model:`. REFERENCE: required, the point task vectors start from;
+# OPTIONAL: used as that reference when given; INPUT: no reference, a listed base is one more
+# input (linear); IGNORED_INPUT: as INPUT, but a method that treats the base as one more input is
+# probably not what the recipe meant, so the plan warns (mergekit averages it in silently).
+BaseRule = Literal["reference", "optional", "input", "input_warned"]
+REFERENCE: BaseRule = "reference"
+OPTIONAL: BaseRule = "optional"
+INPUT: BaseRule = "input"
+INPUT_WARNED: BaseRule = "input_warned"
+
+# Where the engine looks for NaN and Inf: in the inputs before the method runs, or (for methods
+# through which any non-finite input provably reaches the output) in the output only, which is
+# one tensor instead of every input.
+FiniteCheck = Literal["inputs", "output"]
+
+T = TypeVar("T")
+PerModel: TypeAlias = Sequence[T]
+
+_CONTEXT = ("seeds", "out_dtype")
+
+
+@dataclass(frozen=True)
+class Param:
+    """A parameter's metadata, attached with typing.Annotated.
+
+    `check` returns why a value is out of range, or None. `default` is for per-model
+    parameters only (a global one takes its Python default from the signature)."""
+
+    help: str = ""
+    check: Callable[[Any], str | None] | None = None
+    default: Any = REQUIRED
+    choices: tuple[Any, ...] | None = None
+    name: str | None = None  # the recipe's name where it is no Python name (`lambda`)
 
 
 @dataclass(frozen=True)
 class ParamSpec:
-    """One parameter. `per_model` ones may vary by model; the others apply to the whole tensor."""
+    """One parameter as the plan sees it. `kind` is float, int, bool or str; `arg` is the
+    function's argument that receives it."""
 
     name: str
     kind: type
@@ -22,12 +84,50 @@ class ParamSpec:
     default: Any = REQUIRED
     help: str = ""
     choices: tuple[Any, ...] | None = None
-    # Returns why a resolved value is out of range, or None.
     check: Callable[[Any], str | None] | None = None
+    arg: str = ""
 
     @property
     def required(self) -> bool:
         return self.default is REQUIRED
+
+
+@dataclass(frozen=True)
+class JobSize:
+    """What a memory model needs to know of one job."""
+
+    numel: int
+    inputs: int  # tensors read, base included
+    in_itemsize: int  # the widest input dtype's bytes per entry
+    out_itemsize: int
+
+
+MemoryModel = Callable[[JobSize], int]
+
+
+def blocked(float32_temps_per_input: int = 2, float32_temps: int = 6) -> MemoryModel:
+    """A method that works block by block (ops.blocks): inputs as stored (mapped pages count
+    once touched) and the output, plus float32 temporaries of one block, which never grow with
+    the tensor."""
+    from mergesmith.ops.blocks import BLOCK
+
+    def peak(job: JobSize) -> int:
+        temps = min(job.numel, BLOCK) * 4 * (float32_temps_per_input * job.inputs + float32_temps)
+        return job.numel * (job.in_itemsize * job.inputs + job.out_itemsize) + temps
+
+    return peak
+
+
+def whole_tensor(float32_copies_per_input: float = 1, float32_copies: float = 2) -> MemoryModel:
+    """A method that holds whole float32 copies: per input, and a fixed number besides (the
+    result, the largest temporaries alive together)."""
+
+    def peak(job: JobSize) -> int:
+        copies = float32_copies_per_input * job.inputs + float32_copies
+        stored = job.numel * (job.in_itemsize * job.inputs + job.out_itemsize)
+        return stored + int(job.numel * 4 * copies)
+
+    return peak
 
 
 @dataclass(frozen=True)
@@ -41,53 +141,154 @@ class MethodInputs:
     model_params: Sequence[Mapping[str, Any]]  # per-model parameters, one dict per input
     seeds: Sequence[int]  # one per input, derived from (seed, model, tensor)
     out_dtype: torch.dtype | None = None  # None: float32
-    check_finite: bool = False  # raise NonFiniteInput on NaN or Inf in any input
-
-
-class NonFiniteInput(ValueError):
-    """An input holds NaN or Inf; `model` is its position among the models (-1: the base)."""
-
-    def __init__(self, model: int) -> None:
-        super().__init__(f"input {model} holds NaN or Inf")
-        self.model = model
-
-
-def require_finite(base: torch.Tensor | None, model: torch.Tensor, position: int) -> None:
-    """Raise NonFiniteInput naming the model (or the base) that holds NaN or Inf, if any."""
-    import torch
-
-    if not bool(torch.isfinite(model).all()):
-        raise NonFiniteInput(position)
-    if base is not None and not bool(torch.isfinite(base).all()):
-        raise NonFiniteInput(-1)
 
 
 @dataclass(frozen=True)
 class MergeMethod:
     name: str
     description: str
+    function: Callable[..., torch.Tensor]
     params: tuple[ParamSpec, ...]
-    run: Callable[[MethodInputs], torch.Tensor]
-    needs_base: bool
-    min_models: int = 1
-    max_models: int | None = None
-    # Whether a base model given in the recipe is one of the inputs (linear) or the reference point.
-    base_is_input: bool = False
+    base: BaseRule
+    min_models: int  # models besides a reference base
+    max_models: int | None
+    memory: MemoryModel
+    finite_check: FiniteCheck = "inputs"
     random: bool = False
-    extra_checks: Callable[[dict[str, Any]], str | None] | None = field(default=None)
+    # Arguments the function receives that are no recipe parameters (a family row's sparsifier);
+    # a per-model one is given one value for all models.
+    fixed: Mapping[str, Any] = field(default_factory=dict)
+    fixed_per_model: frozenset[str] = frozenset()
+    # Cross-parameter rules of one model's resolved values: why they are invalid, or None.
+    check_model: Callable[[Mapping[str, Any]], str | None] | None = field(default=None)
+    module: str = ""
+
+    @property
+    def needs_base(self) -> bool:
+        return self.base == REFERENCE
+
+    @property
+    def base_is_reference(self) -> bool:
+        return self.base in (REFERENCE, OPTIONAL)
 
     def param(self, name: str) -> ParamSpec | None:
         return next((p for p in self.params if p.name == name), None)
+
+    def run(self, inputs: MethodInputs) -> torch.Tensor:
+        """Call the function with each parameter in its declared form."""
+        import torch
+
+        kwargs: dict[str, Any] = {
+            arg: [value] * len(inputs.models) if arg in self.fixed_per_model else value
+            for arg, value in self.fixed.items()
+        }
+        for spec in self.params:
+            if spec.per_model:
+                kwargs[spec.arg] = [m[spec.name] for m in inputs.model_params]
+            else:
+                kwargs[spec.arg] = inputs.params[spec.name]
+        wanted = inspect.signature(self.function).parameters
+        if "seeds" in wanted:
+            kwargs["seeds"] = list(inputs.seeds)
+        if "out_dtype" in wanted:
+            kwargs["out_dtype"] = inputs.out_dtype or torch.float32
+        result = self.function(inputs.base, list(inputs.models), **kwargs)
+        return result.to(inputs.out_dtype or torch.float32)
+
+
+def merge_method(
+    name: str,
+    description: str,
+    *,
+    base: BaseRule,
+    models: tuple[int, int | None] = (1, None),
+    memory: MemoryModel,
+    finite_check: FiniteCheck = "inputs",
+    random: bool = False,
+    defaults: Mapping[str, Any] | None = None,
+    fixed: Mapping[str, Any] | None = None,
+    check_model: Callable[[Mapping[str, Any]], str | None] | None = None,
+) -> Callable[[Callable[..., torch.Tensor]], Callable[..., torch.Tensor]]:
+    """Register the decorated function as a merge method; returns the function unchanged.
+
+    `defaults` overrides signature defaults and `fixed` passes arguments that are no recipe
+    parameters, so one function can serve several methods (the task-vector family's rows)."""
+
+    def register(function: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
+        fixed_args = dict(fixed or {})
+        specs = params_of(function, defaults or {})
+        _register(
+            MergeMethod(
+                name=name,
+                description=description,
+                function=function,
+                params=tuple(s for s in specs if s.arg not in fixed_args),
+                base=base,
+                min_models=models[0],
+                max_models=models[1],
+                memory=memory,
+                finite_check=finite_check,
+                random=random,
+                fixed=fixed_args,
+                fixed_per_model=frozenset(
+                    s.arg for s in specs if s.per_model and s.arg in fixed_args
+                ),
+                check_model=check_model,
+                module=function.__module__,
+            )
+        )
+        return function
+
+    return register
+
+
+def params_of(function: Callable[..., Any], defaults: Mapping[str, Any]) -> list[ParamSpec]:
+    """The parameter specs a function's keyword-only arguments declare."""
+    hints = typing.get_type_hints(function, include_extras=True)
+    specs = []
+    for pname, arg in inspect.signature(function).parameters.items():
+        if arg.kind is not inspect.Parameter.KEYWORD_ONLY or pname in _CONTEXT:
+            continue
+        hint = hints[pname]
+        meta = Param()
+        if get_origin(hint) is Annotated:
+            hint, *extras = get_args(hint)
+            meta = next((e for e in extras if isinstance(e, Param)), meta)
+        per_model = get_origin(hint) in (Sequence, list, tuple)
+        if per_model:
+            (hint,) = get_args(hint)[:1]
+            default = meta.default
+        else:
+            default = REQUIRED if arg.default is inspect.Parameter.empty else arg.default
+        name = meta.name or pname
+        default = defaults.get(name, default)
+        kind, nullable = _kind(hint, function, pname)
+        choices = meta.choices
+        if choices is not None and nullable and None not in choices:
+            choices = (*choices, None)
+        specs.append(
+            ParamSpec(name, kind, per_model, default, meta.help, choices, meta.check, pname)
+        )
+    return specs
+
+
+def _kind(hint: Any, function: Callable[..., Any], name: str) -> tuple[type, bool]:
+    """(float | int | bool | str, whether None is allowed) of a parameter's annotation."""
+    args = get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    nullable = type(None) in args
+    kinds = [a for a in args if a is not type(None)]
+    if len(kinds) != 1 or kinds[0] not in (float, int, bool, str):
+        raise TypeError(f"{function.__qualname__}: parameter '{name}' has an unsupported type")
+    return kinds[0], nullable
 
 
 _METHODS: dict[str, MergeMethod] = {}
 
 
-def register(method: MergeMethod) -> MergeMethod:
+def _register(method: MergeMethod) -> None:
     if method.name in _METHODS:
         raise ValueError(f"merge method {method.name!r} is registered twice")
     _METHODS[method.name] = method
-    return method
 
 
 def get_method(name: str) -> MergeMethod | None:
@@ -97,12 +298,21 @@ def get_method(name: str) -> MergeMethod | None:
 
 def all_methods() -> list[MergeMethod]:
     _load_all()
-    return list(_METHODS.values())
+    return sorted(_METHODS.values(), key=lambda m: m.name)
+
+
+def parameter_names() -> set[str]:
+    """Every parameter name some method reads."""
+    return {p.name for m in all_methods() for p in m.params}
 
 
 def _load_all() -> None:
-    # Importing the modules registers their methods.
-    from mergesmith.methods import linear, passthrough, slerp, task_arithmetic  # noqa: F401
+    # Importing a module registers its methods; every module of the package is a method module.
+    import mergesmith.methods as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name != "registry":
+            importlib.import_module(f"{package.__name__}.{info.name}")
 
 
 def in_unit_interval(value: float) -> str | None:
@@ -111,3 +321,7 @@ def in_unit_interval(value: float) -> str | None:
 
 def non_negative(value: float) -> str | None:
     return None if value >= 0 else f"{value} is negative"
+
+
+def positive(value: float) -> str | None:
+    return None if value > 0 else f"{value} is not positive"

@@ -9,23 +9,23 @@ on unweighted deltas and divides by the count of agreeing models.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Annotated, Any
 
 import torch
 
 from mergesmith import native
 from mergesmith.methods.registry import (
-    MergeMethod,
-    MethodInputs,
-    ParamSpec,
+    REFERENCE,
+    Param,
+    PerModel,
+    blocked,
     in_unit_interval,
+    merge_method,
     non_negative,
-    register,
-    require_finite,
 )
 from mergesmith.ops import float_masks as fm
-from mergesmith.ops import sparsify as sp
 from mergesmith.ops.blocks import BLOCK, block_generator, block_ranges
 from mergesmith.ops.consensus import disjoint_merge
 from mergesmith.ops.rank_cut import (
@@ -73,31 +73,6 @@ FAMILY: dict[str, FamilyRow] = {
 }
 
 
-def sparsify(
-    delta: torch.Tensor,
-    method: str | None,
-    density: float = 1.0,
-    *,
-    rescale: bool = False,
-    gamma: float = 0.01,
-    epsilon: float = 0.15,
-    seed: int = 0,
-) -> torch.Tensor:
-    """Apply one sparsifier to one task vector held in memory (the whole-tensor reference)."""
-    if method is None:
-        return delta
-    if method == "magnitude":
-        return sp.magnitude(delta, density, rescale)
-    if method == "magnitude_outliers":
-        return sp.magnitude_outliers(delta, density, gamma, rescale)
-    generator = torch.Generator().manual_seed(seed)
-    if method == "random":
-        return sp.random_keep(delta, density, generator, rescale)
-    if method == "della_magprune":
-        return sp.della_magprune(delta, density, epsilon, generator, rescale)
-    raise ValueError(f"unknown sparsification method {method!r}")
-
-
 def merge_task_vectors(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
@@ -113,7 +88,6 @@ def merge_task_vectors(
     epsilons: Sequence[float] | None = None,
     seeds: Sequence[int] | None = None,
     out_dtype: torch.dtype | None = None,
-    check_finite: bool = False,
 ) -> torch.Tensor:
     """The whole family on plain tensors: base + lambda * combine(sparsify(X_i - base) * w_i).
 
@@ -144,9 +118,8 @@ def merge_task_vectors(
     try:
         _select(specs, flat_base, flats, n, block)
     except UnorderedKeys:
-        # NaN deltas: name the culprit, or (when allowed) trim as if NaN were zero.
-        if check_finite:
-            _name_the_non_finite_input(flat_base, flats)
+        # NaN deltas are trimmed as if they were zero; the combining pass keeps them, so the
+        # output still holds NaN wherever a kept entry did, for the engine's check to find.
         # Selection sees deltas only: a NaN base entry counts as a zero delta too.
         zeros = torch.zeros(n, dtype=torch.float32, device=flat_base.device)
         clean = [torch.nan_to_num(torch.sub(f, flat_base), nan=0.0) for f in flats]
@@ -169,13 +142,8 @@ def merge_task_vectors(
     )
     fused = native.handles(flat_base, *flats, combine.out)
     run_block = combine.with_kernels if fused else combine.with_torch
-    finite = True
     for number, start, end in block_ranges(n, block):
-        # NaN and Inf survive every mask and weight (x * 0 is NaN for them), so checking the
-        # combined values finds them; which input it was is settled below.
-        finite = run_block(number, start, end, check_finite and finite) and finite
-    if not finite:
-        _name_the_non_finite_input(flat_base, flats)
+        run_block(number, start, end)
     return combine.out.reshape(base.shape)
 
 
@@ -195,8 +163,8 @@ class _Combine:
     shape2d: tuple[int, int]
     out: torch.Tensor
 
-    def with_kernels(self, number: int, start: int, end: int, check_finite: bool) -> bool:
-        """One block through the C kernel; False when a combined value is not finite."""
+    def with_kernels(self, number: int, start: int, end: int) -> None:
+        """One block through the C kernel."""
         trims, masks = [], []  # masks must outlive the call
         for plan, model, weight in zip(self.plans, self.models, self.weights, strict=True):
             trim = plan.native_trim(start, end, weight)
@@ -206,7 +174,7 @@ class _Combine:
                 if masks[-1].dtype == torch.uint8:
                     trim.mode = native.TRIM_GIVEN_BITS
             trims.append(trim)
-        return native.family_block(
+        native.family_block(
             self.base,
             self.models,
             trims,
@@ -217,11 +185,10 @@ class _Combine:
             plain_divisor=self.plain_divisor,
             lambda_=self.lambda_,
             out=self.out,
-            check_finite=check_finite,
         )
 
-    def with_torch(self, number: int, start: int, end: int, check_finite: bool) -> bool:
-        """One block with torch ops (any device); False when a combined value is not finite."""
+    def with_torch(self, number: int, start: int, end: int) -> None:
+        """One block with torch ops (any device)."""
         b = self.base[start:end].float()
         weighted = []
         for plan, model, weight in zip(self.plans, self.models, self.weights, strict=True):
@@ -234,18 +201,11 @@ class _Combine:
             for w in weighted[1:]:
                 mixed.add_(w)
             divisor = self.plain_divisor
-        finite = not check_finite or math.isfinite(float(mixed.sum()))
         if self.normalize:
             mixed.div_(divisor)
         if self.lambda_ != 1:
             mixed.mul_(self.lambda_)
         self.out[start:end].copy_(mixed.add_(b))
-        return finite
-
-
-def _name_the_non_finite_input(base: torch.Tensor, flats: list[torch.Tensor]) -> None:
-    for i, flat in enumerate(flats):
-        require_finite(base, flat, i)
 
 
 def _select(
@@ -583,32 +543,7 @@ class _ModelPlan:
         return kept
 
 
-def _run(row: FamilyRow):
-    def run(inputs: MethodInputs) -> torch.Tensor:
-        assert inputs.base is not None
-        p, mp = inputs.params, inputs.model_params
-        consensus = p.get("consensus_method", row.consensus)
-        return merge_task_vectors(
-            inputs.base,
-            inputs.models,
-            [m["weight"] for m in mp],
-            densities=[m.get("density", 1.0) for m in mp],
-            sparsifier=row.sparsifier,
-            consensus=consensus,
-            normalize=p["normalize"],
-            rescale=p["rescale"],
-            lambda_=p["lambda"],
-            gammas=[m.get("gamma", 0.01) for m in mp],
-            epsilons=[m.get("epsilon", 0.15) for m in mp],
-            seeds=inputs.seeds,
-            out_dtype=inputs.out_dtype,
-            check_finite=inputs.check_finite,
-        )
-
-    return run
-
-
-def _della_bounds(model_params: dict) -> str | None:
+def _della_bounds(model_params: Mapping[str, Any]) -> str | None:
     d, eps = model_params.get("density", 1.0), model_params.get("epsilon", 0.15)
     if d >= 1:
         return None  # nothing is pruned, so epsilon plays no part
@@ -620,65 +555,73 @@ def _della_bounds(model_params: dict) -> str | None:
     return None
 
 
-def _params(name: str, row: FamilyRow) -> tuple[ParamSpec, ...]:
-    params = [
-        ParamSpec("weight", float, True, help="scale of this model's task vector"),
-        ParamSpec("normalize", bool, False, row.normalize, "divide by the sum of weights"),
-        ParamSpec("rescale", bool, False, row.rescale, "restore each pruned vector's L1 norm"),
-        ParamSpec("lambda", float, False, 1.0, "scale of the merged task vector"),
-        ParamSpec("int8_mask", bool, False, False, "accepted for mergekit; never changes results"),
-        ParamSpec(
-            "consensus_method",
-            str,
-            False,
-            row.consensus,
-            "sign election: sum, count, or null for none",
-            choices=(*CONSENSUS_METHODS, None),
-        ),
-    ]
-    if row.sparsifier:
-        params.insert(
-            1,
-            ParamSpec(
-                "density", float, True, 1.0, "fraction of entries kept", check=in_unit_interval
-            ),
-        )
-    if row.sparsifier == "magnitude_outliers":
-        params.insert(
-            2,
-            ParamSpec(
-                "gamma",
-                float,
-                True,
-                0.01,
-                "fraction of largest entries dropped",
-                check=in_unit_interval,
-            ),
-        )
-    if row.sparsifier == "della_magprune":
-        params.insert(
-            2,
-            ParamSpec(
-                "epsilon",
-                float,
-                True,
-                0.15,
-                "spread of keep probability around density",
-                check=non_negative,
-            ),
-        )
-    return tuple(params)
+def task_vector_merge(
+    base: torch.Tensor | None,
+    models: Sequence[torch.Tensor],
+    *,
+    weight: Annotated[PerModel[float], Param("scale of this model's task vector")],
+    density: Annotated[
+        PerModel[float], Param("fraction of entries kept", in_unit_interval, default=1.0)
+    ],
+    gamma: Annotated[
+        PerModel[float], Param("fraction of largest entries dropped", in_unit_interval, 0.01)
+    ],
+    epsilon: Annotated[
+        PerModel[float], Param("spread of keep probability around density", non_negative, 0.15)
+    ],
+    normalize: Annotated[bool, Param("divide by the sum of weights")] = False,
+    rescale: Annotated[bool, Param("restore each pruned vector's L1 norm")] = False,
+    lambda_: Annotated[float, Param("scale of the merged task vector", name="lambda")] = 1.0,
+    int8_mask: Annotated[bool, Param("accepted for mergekit; never changes results")] = False,
+    consensus_method: Annotated[
+        str | None,
+        Param("sign election: sum, count, or null for none", choices=CONSENSUS_METHODS),
+    ] = None,
+    sparsifier: str | None = None,
+    seeds: Sequence[int] = (),
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """One row of the family, as a method: see merge_task_vectors."""
+    assert base is not None
+    return merge_task_vectors(
+        base,
+        models,
+        weight,
+        densities=density,
+        sparsifier=sparsifier,
+        consensus=consensus_method,
+        normalize=normalize,
+        rescale=rescale,
+        lambda_=lambda_,
+        gammas=gamma,
+        epsilons=epsilon,
+        seeds=seeds,
+        out_dtype=out_dtype,
+    )
 
+
+# Parameters of the family function that a row without that sparsifier does not take.
+_SPARSIFIER_PARAMS = {"density": None, "gamma": "magnitude_outliers", "epsilon": "della_magprune"}
 
 for _name, _row in FAMILY.items():
-    register(
-        MergeMethod(
-            name=_name,
-            description=_row.description,
-            params=_params(_name, _row),
-            run=_run(_row),
-            needs_base=True,
-            random=_row.sparsifier in ("random", "della_magprune"),
-            extra_checks=_della_bounds if _row.sparsifier == "della_magprune" else None,
-        )
-    )
+    _unused = {
+        name: 1.0 if name == "density" else 0.0
+        for name, needs in _SPARSIFIER_PARAMS.items()
+        if _row.sparsifier is None or (needs is not None and needs != _row.sparsifier)
+    }
+    merge_method(
+        _name,
+        _row.description,
+        base=REFERENCE,
+        memory=blocked(),
+        # NaN and Inf survive every mask, weight and sum (x * 0 is NaN for them).
+        finite_check="output",
+        random=_row.sparsifier in _DRAWN_KINDS,
+        defaults={
+            "normalize": _row.normalize,
+            "rescale": _row.rescale,
+            "consensus_method": _row.consensus,
+        },
+        fixed={"sparsifier": _row.sparsifier, **_unused},
+        check_model=_della_bounds if _row.sparsifier == "della_magprune" else None,
+    )(task_vector_merge)

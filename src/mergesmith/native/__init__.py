@@ -18,7 +18,7 @@ from functools import cache
 
 import torch
 
-ABI = 3  # must match MS_ABI in kernels.c
+ABI = 4  # must match MS_ABI in kernels.c
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -89,10 +89,10 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_has_f16.restype = ctypes.c_int
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
     lib.ms_family_block.argtypes = [
-        p, i32, p, p, i32, p, i64, i64, i32, i32, f32, i32, f32, p, i32, p,
+        p, i32, p, p, i32, p, i64, i64, i32, i32, f32, i32, f32, p, i32,
     ]  # fmt: skip
     lib.ms_family_block.restype = ctypes.c_int
-    lib.ms_linear_block.argtypes = [p, p, p, i32, i64, i64, i32, f32, p, i32, p]
+    lib.ms_linear_block.argtypes = [p, p, p, i32, i64, i64, i32, f32, p, i32]
     lib.ms_linear_block.restype = ctypes.c_int
     lib.ms_bracket_sweep.argtypes = [p, i32, p, i32, i64, i32, f32, f32, p, p, p, i64, p]
     lib.ms_bracket_sweep.restype = ctypes.c_int
@@ -149,10 +149,8 @@ def family_block(
     plain_divisor: float,
     lambda_: float,
     out: torch.Tensor,
-    check_finite: bool,
-) -> bool:
-    """One block of the task-vector family into `out` (flat); returns False when a combined
-    value was NaN or infinite (only looked for when `check_finite`)."""
+) -> None:
+    """One block of the task-vector family into `out` (flat)."""
     pointers, dtypes = _pointers(models)
     arguments = (
         base.data_ptr(),
@@ -169,7 +167,7 @@ def family_block(
         int(lambda_ != 1),
         lambda_,
     )
-    return _combine_into(_loaded().ms_family_block, arguments, out, check_finite)
+    _combine_into(_loaded().ms_family_block, arguments, out)
 
 
 def linear_block(
@@ -181,9 +179,8 @@ def linear_block(
     normalize: bool,
     total: float,
     out: torch.Tensor,
-    check_finite: bool,
-) -> bool:
-    """One block of the weighted sum into `out` (flat); False when a sum was not finite."""
+) -> None:
+    """One block of the weighted sum into `out` (flat)."""
     pointers, dtypes = _pointers(models)
     arguments = (
         pointers,
@@ -195,17 +192,13 @@ def linear_block(
         int(normalize),
         total,
     )
-    return _combine_into(_loaded().ms_linear_block, arguments, out, check_finite)
+    _combine_into(_loaded().ms_linear_block, arguments, out)
 
 
-def _combine_into(kernel, arguments: tuple, out: torch.Tensor, check_finite: bool) -> bool:
-    """Call a combining kernel, whose last arguments are always the output, its dtype and the
-    non-finite flag (NULL: do not look); False when a combined value was not finite."""
-    nonfinite = ctypes.c_int32(0)
-    flag = ctypes.byref(nonfinite) if check_finite else None
-    if kernel(*arguments, out.data_ptr(), _DTYPES[out.dtype], flag) != 0:
+def _combine_into(kernel, arguments: tuple, out: torch.Tensor) -> None:
+    """Call a combining kernel, whose last arguments are always the output and its dtype."""
+    if kernel(*arguments, out.data_ptr(), _DTYPES[out.dtype]) != 0:
         raise KernelError("no memory for the kernel's scratch buffers")
-    return not nonfinite.value
 
 
 def bracket_sweep(

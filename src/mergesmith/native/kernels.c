@@ -18,7 +18,7 @@
 #include <string.h>
 
 /* Bumped whenever a signature or a struct below changes; the loader refuses a stale build. */
-#define MS_ABI 3
+#define MS_ABI 4
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
@@ -210,25 +210,16 @@ HELPER void agree_into(float *restrict d, const float *restrict elected, float w
     }
 }
 
-/* Whether every value is finite: x - x is 0 for finite x and NaN otherwise. */
-HELPER int all_finite(const float *restrict x, int64_t n) {
-    int ok = 1;
-    for (int64_t i = 0; i < n; i++) ok &= (x[i] - x[i]) == 0.0f;
-    return ok;
-}
-
 enum { CONSENSUS_NONE = 0, CONSENSUS_SUM = 1, CONSENSUS_COUNT = 2 };
 
 /*
  * One block of merge_task_vectors: out = base + lambda * combine(trim(model_j - base) * w_j).
- * Returns 0, or -1 when scratch memory cannot be had. *nonfinite is set when a combined value
- * (before normalising) is NaN or infinite.
+ * Returns 0, or -1 when scratch memory cannot be had.
  */
 KERNEL int ms_family_block(const void *base, int32_t base_dtype, const void *const *models,
                     const int32_t *model_dtypes, int32_t k, const Trim *trims, int64_t start,
                     int64_t count, int32_t consensus, int32_t normalize, float plain_divisor,
-                    int32_t has_lambda, float lambda, void *out, int32_t out_dtype,
-                    int32_t *nonfinite) {
+                    int32_t has_lambda, float lambda, void *out, int32_t out_dtype) {
     float *scratch = malloc(sizeof(float) * CHUNK * (size_t)(k + 4));
     if (scratch == NULL) return -1;
     float *b = scratch;
@@ -273,7 +264,6 @@ KERNEL int ms_family_block(const void *base, int32_t base_dtype, const void *con
             for (int64_t i = 0; i < n; i++)
                 divisor[i] = divisor[i] + (fabsf(divisor[i]) > 0.0f ? 0.0f : 1.0f);
         }
-        if (nonfinite != NULL && !*nonfinite && !all_finite(mixed, n)) *nonfinite = 1;
         if (normalize)
             for (int64_t i = 0; i < n; i++) mixed[i] = mixed[i] / divisor[i];
         if (has_lambda)
@@ -292,8 +282,7 @@ KERNEL int ms_family_block(const void *base, int32_t base_dtype, const void *con
  * addcmul_ compute it on FMA-capable CPUs; fmaf rounds once on every CPU. */
 KERNEL int ms_linear_block(const void *const *models, const int32_t *model_dtypes,
                            const float *weights, int32_t k, int64_t start, int64_t count,
-                           int32_t normalize, float total, void *out, int32_t out_dtype,
-                           int32_t *nonfinite) {
+                           int32_t normalize, float total, void *out, int32_t out_dtype) {
     float *scratch = malloc(sizeof(float) * CHUNK * 2);
     if (scratch == NULL) return -1;
     float *acc = scratch;
@@ -307,7 +296,6 @@ KERNEL int ms_linear_block(const void *const *models, const int32_t *model_dtype
             load_f32(models[j], model_dtypes[j], offset, n, x);
             for (int64_t i = 0; i < n; i++) acc[i] = fmaf(x[i], weight, acc[i]);
         }
-        if (nonfinite != NULL && !*nonfinite && !all_finite(acc, n)) *nonfinite = 1;
         if (normalize)
             for (int64_t i = 0; i < n; i++) acc[i] = acc[i] / total;
         store_from_f32(acc, n, out, out_dtype, offset);

@@ -1,0 +1,266 @@
+"""Building the jobs: one per output tensor, in output order, each with its inputs, resolved
+parameters, seeds and peak memory."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+from mergesmith.config import DTYPE_NAMES, ModelInput, Recipe
+from mergesmith.dtypes import FLOATING, ITEMSIZE
+from mergesmith.errors import MergeErrors
+from mergesmith.layers import is_embedding, is_input_side, layer_of
+from mergesmith.methods.registry import JobSize, MergeMethod
+from mergesmith.plan.jobs import Plan, TensorInput, TensorJob, derive_seed
+from mergesmith.plan.layers import Group, groups_of, layer_steps, layer_templates
+from mergesmith.plan.method_checks import check_parameter_names, find_method, split_base
+from mergesmith.plan.params import ParamResolver
+from mergesmith.plan.problems import Findings
+from mergesmith.sources.base import ModelSource
+
+NameIn = Callable[[ModelInput], str]
+
+
+class _Builder:
+    def __init__(
+        self,
+        recipe: Recipe,
+        method: MergeMethod,
+        sources: Mapping[str, ModelSource],
+        seed: int,
+        findings: Findings,
+    ) -> None:
+        self.recipe = recipe
+        self.method = method
+        self.sources = sources
+        self.seed = seed
+        self.findings = findings
+        self.params = ParamResolver(recipe, method, findings)
+        self.jobs: list[TensorJob] = []
+
+    def group(self, group: Group, layer_out: int, part: str) -> int:
+        """Add jobs for one group: 'pre' and 'post' non-layer tensors, or 'layers'. Returns the
+        next output layer index."""
+        split = split_base(
+            self.method, list(group.sources), group.base, group.where, group.in_slice, self.findings
+        )
+        if split is None:
+            return layer_out
+        base_entry, members = split
+        reference = base_entry or members[0]
+        ref_source = self.sources.get(reference.ref.text)
+        if ref_source is None or any(m.ref.text not in self.sources for m in members):
+            return layer_out
+        if part == "layers":
+            steps = layer_steps(reference, layer_out)
+            for step in steps:
+                a = (reference.layer_range or (0, 0))[0]
+                for template in layer_templates(ref_source, a + step.offset):
+                    self.tensor(
+                        group,
+                        template.format(step.out),
+                        step.t,
+                        base_entry,
+                        members,
+                        lambda e, tpl=template, off=step.offset: tpl.format(
+                            (e.layer_range or (0, 0))[0] + off
+                        ),
+                    )
+            return layer_out + len(steps)
+        # Sorted so that the output is the same whatever order the input files list tensors in.
+        for name in sorted(ref_source.tensors):
+            if layer_of(name) is None and (is_input_side(name) == (part == "pre")):
+                self.tensor(group, name, 0.0, base_entry, members, lambda e, n=name: n)
+        return layer_out
+
+    def tensor(
+        self,
+        group: Group,
+        out_name: str,
+        t: float,
+        base_entry: ModelInput | None,
+        members: list[ModelInput],
+        name_in: NameIn,
+    ) -> None:
+        reference = base_entry or members[0]
+        ref_source = self.sources[reference.ref.text]
+        ref_name = name_in(reference)
+        ref_meta = ref_source.tensors.get(ref_name)
+        if ref_meta is None:
+            self.findings.problem(
+                f"model '{reference.ref.text}' has no tensor '{ref_name}' "
+                f"(needed for output tensor '{out_name}')",
+                "check the slice's layer_range",
+            )
+            return
+        vocab = (ref_source.config or {}).get("vocab_size")
+        embedding = is_embedding(
+            ref_name, ref_meta.shape, vocab if isinstance(vocab, int) else None
+        )
+        inputs: list[TensorInput] = []
+        for entry in members:
+            found = self._input(entry, name_in(entry), reference, ref_meta, embedding)
+            if found is None:
+                return
+            inputs.append(found)
+        base_input = TensorInput(base_entry.ref.text, ref_name) if base_entry else None
+        out_dtype = self.recipe.out_dtype or self.recipe.dtype
+        dtype = DTYPE_NAMES[out_dtype] if out_dtype else ref_meta.dtype
+        read = [base_input] if base_input else []
+        read += inputs
+        in_itemsize = max(ITEMSIZE[self.sources[i.model].tensors[i.name].dtype] for i in read)
+        if ref_meta.dtype not in FLOATING:
+            # Integer buffers (position ids, masks) are not weights: keep the reference's values.
+            first = base_input or inputs[0]
+            numel = _numel(ref_meta.shape)
+            self.jobs.append(
+                TensorJob(
+                    len(self.jobs),
+                    out_name,
+                    ref_meta.shape,
+                    ref_meta.dtype,
+                    "copy",
+                    None,
+                    (first,),
+                    {},
+                    ({},),
+                    (0,),
+                    work_bytes=2 * numel * ITEMSIZE[ref_meta.dtype],
+                    copy_only=True,
+                )
+            )
+            return
+        params = self.params.global_params(group.parameters, out_name, t)
+        model_params = tuple(
+            self.params.model_params(group.parameters, entry, name_in(entry), t)
+            for entry in members
+        )
+        seeds = tuple(derive_seed(self.seed, e.ref.text, out_name) for e in members)
+        size = JobSize(_numel(ref_meta.shape), len(read), in_itemsize, ITEMSIZE[dtype])
+        self.jobs.append(
+            TensorJob(
+                index=len(self.jobs),
+                name=out_name,
+                shape=ref_meta.shape,
+                dtype=dtype,
+                method=self.method.name,
+                base=base_input,
+                inputs=tuple(inputs),
+                params=params,
+                model_params=model_params,
+                seeds=seeds,
+                work_bytes=self.method.memory(size),
+            )
+        )
+
+    def _input(
+        self, entry: ModelInput, name: str, reference: ModelInput, ref_meta, embedding: bool
+    ) -> TensorInput | None:
+        """What one model contributes to a tensor, or None after recording why it cannot."""
+        meta = self.sources[entry.ref.text].tensors.get(name)
+        if meta is None:
+            self.findings.problem(
+                f"model '{entry.ref.text}' has no tensor '{name}', which "
+                f"'{reference.ref.text}' has",
+                "merge only models of the same architecture, or use slices to pick layers",
+            )
+            return None
+        crop = None
+        if meta.shape != ref_meta.shape:
+            larger = len(meta.shape) == len(ref_meta.shape) and all(
+                m >= r for m, r in zip(meta.shape, ref_meta.shape, strict=True)
+            )
+            if not (embedding and larger):
+                self.findings.problem(
+                    f"tensor '{name}' has shape {list(meta.shape)} in '{entry.ref.text}' but "
+                    f"{list(ref_meta.shape)} in '{reference.ref.text}'",
+                    "these models do not share an architecture; merge only matching models",
+                )
+                return None
+            crop = ref_meta.shape
+            self.findings.warn(
+                f"'{entry.ref.text}': {name} {list(meta.shape)} is cut to "
+                f"{list(ref_meta.shape)} to match '{reference.ref.text}'"
+            )
+        if meta.dtype not in FLOATING and ref_meta.dtype in FLOATING:
+            self.findings.problem(
+                f"tensor '{name}' is {meta.dtype} in '{entry.ref.text}' but "
+                f"{ref_meta.dtype} in '{reference.ref.text}'",
+                "merge only checkpoints of the same architecture",
+            )
+            return None
+        return TensorInput(entry.ref.text, name, crop)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0) -> Plan:
+    """Check everything headers allow and list one job per output tensor, in output order."""
+    findings = Findings()
+    method = find_method(recipe, findings)
+    if method is None:
+        raise MergeErrors(findings.problems)
+    check_parameter_names(recipe, method, findings)
+    groups = groups_of(recipe, sources, findings)
+    builder = _Builder(recipe, method, sources, seed, findings)
+    num_layers = None
+    if groups and not findings.problems:
+        layer_out = 0
+        builder.group(groups[0], 0, "pre")
+        for group in groups:
+            layer_out = builder.group(group, layer_out, "layers")
+        builder.group(groups[-1], layer_out, "post")
+        num_layers = layer_out if recipe.slices is not None else None
+    names = [job.name for job in builder.jobs]
+    if len(set(names)) != len(names):
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        findings.problem(
+            f"two output tensors would both be named '{dupes[0]}'",
+            "check that the slices do not produce the same tensor twice",
+        )
+    if findings.problems:
+        raise MergeErrors(findings.problems)
+    for warning in _dropped_tensor_warnings(recipe, sources, builder.jobs):
+        findings.warn(warning)
+    first = recipe.base_model or (
+        recipe.referenced_models()[0] if recipe.referenced_models() else None
+    )
+    tok = recipe.tokenizer_source
+    tokenizer_model = (first.text if first else None) if tok in (None, "base") else tok
+    return Plan(
+        recipe=recipe,
+        method=method,
+        jobs=builder.jobs,
+        config_model=first.text if first else None,
+        tokenizer_model=tokenizer_model,
+        num_layers=num_layers,
+        seed=seed,
+        warnings=findings.warnings,
+    )
+
+
+def _dropped_tensor_warnings(
+    recipe: Recipe, sources: Mapping[str, ModelSource], jobs: list[TensorJob]
+) -> list[str]:
+    """Name input tensors that no job reads (outside sliced-away layers): never drop silently."""
+    if recipe.slices is not None:
+        return []
+    used: dict[str, set[str]] = {}
+    for job in jobs:
+        for inp in (job.base, *job.inputs):
+            if inp is not None:
+                used.setdefault(inp.model, set()).add(inp.name)
+    out = []
+    for model, source in sources.items():
+        unused = sorted(set(source.tensors) - used.get(model, set()))
+        if unused and model in used:
+            more = f" and {len(unused) - 3} more" if len(unused) > 3 else ""
+            out.append(
+                f"'{model}' has {len(unused)} tensor(s) the output will not contain: "
+                f"{', '.join(unused[:3])}{more}"
+            )
+    return out
