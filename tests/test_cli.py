@@ -19,6 +19,15 @@ EXPECTED_METHODS = {
     "linear": {"weight"},
     "slerp": set(),
     "passthrough": {"scale"},
+    "model_stock": set(),
+    "nuslerp": {"weight"},
+    "multislerp": {"weight"},
+    "karcher": set(),
+    "sce": set(),
+    "nearswap": set(),
+    "arcee_fusion": set(),
+    "ram": set(),
+    "ramplus_tl": set(),
 }
 
 

@@ -205,7 +205,8 @@ def methods() -> None:
     from mergesmith.methods.registry import all_methods
 
     for method in all_methods():
-        click.echo(f"{method.name}: {method.description} ({_BASE_RULES[method.base]})")
+        random = "; draws from --seed" if method.random else ""
+        click.echo(f"{method.name}: {method.description} ({_BASE_RULES[method.base]}{random})")
         for p in method.params:
             scope = "per model" if p.per_model else "global"
             default = "required" if p.required else f"default {_show(p.default)}"

@@ -207,7 +207,11 @@ def compute(
     inputs = MethodInputs(
         base, models, job.params, job.model_params, job.seeds, out_dtype=to_torch(job.dtype)
     )
-    result = method.run(inputs).to(dtype=to_torch(job.dtype))
+    try:
+        result = method.run(inputs).to(dtype=to_torch(job.dtype))
+    except MergeError as exc:
+        # A method's own refusal (weights that cancel, say) names the tensor it happened at.
+        raise MergeError(f"tensor '{job.name}': {exc.message}", exc.hint) from None
     if not allow_nonfinite and not _all_finite(result):
         _require_finite(loaded)
         raise MergeError(

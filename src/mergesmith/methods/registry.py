@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
+import math
 import pkgutil
 import types
 import typing
@@ -40,7 +41,7 @@ REQUIRED: Any = object()
 
 # How a method treats `base_model:`. REFERENCE: required, the point task vectors start from;
 # OPTIONAL: used as that reference when given; INPUT: no reference, a listed base is one more
-# input (linear); IGNORED_INPUT: as INPUT, but a method that treats the base as one more input is
+# input (linear); INPUT_WARNED: as INPUT, but a method that treats the base as one more input is
 # probably not what the recipe meant, so the plan warns (mergekit averages it in silently).
 BaseRule = Literal["reference", "optional", "input", "input_warned"]
 REFERENCE: BaseRule = "reference"
@@ -154,7 +155,7 @@ class MergeMethod:
     max_models: int | None
     memory: MemoryModel
     finite_check: FiniteCheck = "inputs"
-    random: bool = False
+    random: bool = False  # draws from the seeds: `mergesmith methods` says so
     # Arguments the function receives that are no recipe parameters (a family row's sparsifier);
     # a per-model one is given one value for all models.
     fixed: Mapping[str, Any] = field(default_factory=dict)
@@ -321,6 +322,10 @@ def in_unit_interval(value: float) -> str | None:
 
 def non_negative(value: float) -> str | None:
     return None if value >= 0 else f"{value} is negative"
+
+
+def finite_non_negative(value: float) -> str | None:
+    return None if 0 <= value < math.inf else f"{value} is not a finite number >= 0"
 
 
 def positive(value: float) -> str | None:

@@ -67,11 +67,15 @@ class ParamResolver:
                 return self._coerce(spec, value, model, tensor)
         if spec.required:
             whose = f"model '{model}'" if model else "the merge"
+            where = (
+                "under that model's parameters (or the top-level 'parameters:' to apply it to all)"
+                if model
+                else "under the top-level 'parameters:'"
+            )
             self.findings.problem(
                 f"{self.recipe.source_name}: {self.method.name} needs '{spec.name}' for {whose} "
                 f"(tensor '{tensor}' has none)",
-                f"add '{spec.name}: VALUE' under that model's parameters (or the top-level "
-                "'parameters:' to apply it to all)",
+                f"add '{spec.name}: VALUE' {where}",
                 key=f"required:{spec.name}:{model}",
             )
             return None

@@ -1,0 +1,185 @@
+"""Arcee Fusion: keep the base except where the model's change is unusually important, as
+mergekit 0.1.5. With base B and model M, rows taken along the last dimension (a 1-D tensor is one
+row):
+
+    p, q = softmax(M_row) + 1e-8, softmax(B_row) + 1e-8
+    kl_row = sum_k p_k log(p_k / q_k)                    one number per row
+    importance = |M - B| * kl_row                        entry by entry
+    q1, median, q3 = sorted importance at indices floor(f (n - 1)), f = 1/4, 1/2, 3/4
+    threshold = median + 1.5 (q3 - q1)
+    out = B + (M - B) * [importance >= threshold]
+
+Tensors of more than 1e6 entries take the quartiles of 1e6 entries drawn with replacement. We
+draw them from a torch.Generator seeded with the model's seed (`seeds[0]`, derived from the
+run's --seed, the model and the tensor), so a run is reproducible; mergekit draws from torch's
+global generator, so its sampled quartiles differ from ours (and from run to run, unless seeded).
+
+Memory stays flat: per-row statistics are recomputed for each group of rows when needed rather
+than stored, in two passes (the quartiles, then the combination); the sampled importances (at
+most 1e6 of them, with their indices) are the only thing beyond one block.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from mergesmith.methods.registry import REFERENCE, JobSize, blocked, merge_method
+from mergesmith.ops.blocks import BLOCK
+
+SAMPLE_SIZE = 1_000_000  # tensors larger than this take their quartiles from a sample this big
+EPS = 1e-8  # added to both softmaxes, as mergekit does
+# Per sampled entry at peak: its index (int64), the sorted indices and sort order while the
+# sample is arranged by position (2 x int64), then its importance and the sorted importances
+# with their order (float32 + float32 + int64), with room for the gathered inputs.
+SAMPLE_BYTES = 40
+
+_blocked = blocked(float32_temps_per_input=2, float32_temps=8)
+
+
+def _memory(job: JobSize) -> int:
+    return _blocked(job) + min(job.numel, SAMPLE_SIZE) * SAMPLE_BYTES
+
+
+def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Rows along the last dimension; a 0-D tensor is one row of one entry."""
+    if tensor.dim() == 0:
+        return tensor.reshape(1, 1)
+    return tensor.reshape(math.prod(tensor.shape[:-1]), tensor.shape[-1])
+
+
+def _row_groups(rows: int, length: int, block: int) -> Iterator[tuple[int, int]]:
+    per_group = max(1, block // max(length, 1))
+    for r0 in range(0, rows, per_group):
+        yield r0, min(rows, r0 + per_group)
+
+
+def _softmax_stats(row: torch.Tensor, block: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(max, sum of exp(x - max)) of one long row, read in column blocks."""
+    top = torch.tensor(float("-inf"))
+    for c0 in range(0, row.numel(), block):
+        top = torch.maximum(top, row[c0 : c0 + block].float().max())
+    total = torch.tensor(0.0)
+    for c0 in range(0, row.numel(), block):
+        total += (row[c0 : c0 + block].float() - top).exp_().sum()
+    return top, total
+
+
+def row_divergence(
+    model: torch.Tensor, base: torch.Tensor, r0: int, r1: int, block: int = BLOCK
+) -> torch.Tensor:
+    """sum p log(p / q), p = softmax(model row) + 1e-8, q = softmax(base row) + 1e-8, for rows
+    [r0, r1) of the 2-D views `model` and `base`: float32, shape (r1 - r0,)."""
+    length = model.shape[1]
+    if length <= block:
+        p = F.softmax(model[r0:r1].float(), dim=-1).add_(EPS)
+        q = F.softmax(base[r0:r1].float(), dim=-1).add_(EPS)
+        return p.div(q).log_().mul_(p).sum(-1)
+    # One row longer than a block: softmax as exp(x - max) / sum, the sums read block by block.
+    assert r1 == r0 + 1
+    row_m, row_b = model[r0], base[r0]
+    top_m, total_m = _softmax_stats(row_m, block)
+    top_b, total_b = _softmax_stats(row_b, block)
+    kl = torch.zeros(1)
+    for c0 in range(0, length, block):
+        p = (row_m[c0 : c0 + block].float() - top_m).exp_().div_(total_m).add_(EPS)
+        q = (row_b[c0 : c0 + block].float() - top_b).exp_().div_(total_b).add_(EPS)
+        kl += p.div(q).log_().mul_(p).sum()
+    return kl
+
+
+def fusion_threshold(
+    model: torch.Tensor, base: torch.Tensor, seed: int, block: int = BLOCK
+) -> torch.Tensor:
+    """median + 1.5 IQR of the importances (of a seeded sample of them for a large tensor)."""
+    m2, b2 = _as_rows(model), _as_rows(base)
+    rows, length = m2.shape
+    n = rows * length
+    if n > SAMPLE_SIZE:
+        generator = torch.Generator().manual_seed(seed)
+        drawn = torch.randint(n, (SAMPLE_SIZE,), generator=generator)
+        # Quartiles do not depend on the order of the sample: visit it by position.
+        positions = drawn.sort().values
+        del drawn
+    else:
+        positions = torch.arange(n)
+    flat_m, flat_b = m2.reshape(-1), b2.reshape(-1)
+    importance = torch.empty(positions.numel(), dtype=torch.float32)
+    for r0, r1 in _row_groups(rows, length, block):
+        lo, hi = torch.searchsorted(positions, torch.tensor([r0 * length, r1 * length])).tolist()
+        if lo == hi:
+            continue
+        kl = row_divergence(m2, b2, r0, r1, block)
+        at = positions[lo:hi]
+        diff = (flat_m[at].float() - flat_b[at].float()).abs_()
+        importance[lo:hi] = diff.mul_(kl[at.div(length, rounding_mode="floor") - r0])
+    ordered = importance.sort().values
+    # mergekit's positions floor(f * (count - 1)) for f = 1/4, 1/2, 3/4, computed in float32;
+    # exact for count <= 1e6, hence equal to these integer divisions.
+    count = ordered.numel()
+    q1, median, q3 = (
+        ordered[(count - 1) // 4],
+        ordered[(count - 1) // 2],
+        ordered[3 * (count - 1) // 4],
+    )
+    return median + 1.5 * (q3 - q1)
+
+
+def fusion_merge(
+    base: torch.Tensor,
+    model: torch.Tensor,
+    seed: int,
+    out_dtype: torch.dtype = torch.float32,
+    block: int = BLOCK,
+) -> torch.Tensor:
+    """The method's work, with the block size open for tests."""
+    if base.numel() == 0:  # no quartiles to take (mergekit fails here): nothing to merge
+        return torch.empty(base.shape, dtype=out_dtype, device=base.device)
+    threshold = fusion_threshold(model, base, seed, block)
+    m2, b2 = _as_rows(model), _as_rows(base)
+    rows, length = m2.shape
+    out = torch.empty(rows, length, dtype=out_dtype, device=base.device)
+    for r0, r1 in _row_groups(rows, length, block):
+        kl = row_divergence(m2, b2, r0, r1, block).unsqueeze(-1)
+        for c0 in range(0, max(length, 1), block):
+            c1 = min(length, c0 + block)
+            b = b2[r0:r1, c0:c1].float()
+            change = m2[r0:r1, c0:c1].float() - b
+            keep = (change.abs() * kl >= threshold).float()
+            out[r0:r1, c0:c1] = change.mul_(keep).add_(b)
+    return out.reshape(base.shape)
+
+
+# Non-finite inputs reach the output, entry by entry: out = B + (M - B) * mask, and a NaN or
+# Inf in B or M makes M - B non-finite, so (M - B) * mask is Inf or NaN (Inf * 0) whatever the
+# mask, and adding B keeps it non-finite.
+@merge_method(
+    "arcee_fusion",
+    "keep the base except where the model's change is unusually important",
+    base=REFERENCE,
+    models=(1, 1),
+    memory=_memory,
+    finite_check="output",
+    random=True,
+)
+def arcee_fusion(
+    base: torch.Tensor | None,
+    models: Sequence[torch.Tensor],
+    *,
+    seeds: Sequence[int] = (),
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """base + (model - base) where the importance |model - base| * KL(row) is an outlier.
+
+    Of eight changes, only the large one passes median + 1.5 IQR of the importances:
+
+    >>> base = torch.zeros(8)
+    >>> model = torch.tensor([0.1, -0.1, 0.2, 0.1, -0.2, 0.1, 3.0, 0.1])
+    >>> arcee_fusion(base, [model])
+    tensor([0., 0., 0., 0., 0., 0., 3., 0.])
+    """
+    assert base is not None
+    return fusion_merge(base, models[0], seeds[0] if seeds else 0, out_dtype)
