@@ -22,12 +22,13 @@ NORM_EPS = 1e-8
 def slerp_coefficients(t: float, a: torch.Tensor, b: torch.Tensor) -> tuple[float, float]:
     """(c_a, c_b) with slerp(a, b) = c_a a + c_b b; lerp's when a and b are nearly parallel.
 
-    The dot product is of the normalised vectors; a norm <= 1e-8 is taken as 1."""
+    The dot product is of the normalised vectors; a norm <= 1e-8 is taken as 1. Each block's
+    sums are float32 (as mergekit's), added up across blocks in float64."""
     flat_a, flat_b = a.reshape(-1), b.reshape(-1)
     squares_a = squares_b = dot = 0.0
     for _, start, end in block_ranges(flat_a.numel()):
-        x = flat_a[start:end].double()
-        y = flat_b[start:end].double()
+        x = flat_a[start:end].float()
+        y = flat_b[start:end].float()
         squares_a += float(x.dot(x))
         squares_b += float(y.dot(y))
         dot += float(x.dot(y))
