@@ -215,3 +215,32 @@ slices:
     assert fourth.model == str(tuned[0]) and fourth.name == "model.layers.3.mlp.up_proj.weight"
     assert by_name["model.embed_tokens.weight"].inputs[0].model == str(base)
     assert by_name["lm_head.weight"].inputs[0].model == str(tuned[0])
+
+
+def test_tokenizer_source_outside_the_recipe_is_an_error_not_a_missing_tokenizer(
+    family, tmp_path: Path
+) -> None:
+    """Found in a published recipe: a source naming a model that is not merged used to leave the
+    output without any tokenizer, silently."""
+    base, tuned = family
+    stray = tmp_path / "elsewhere"
+    with pytest.raises(MergeError) as info:
+        prepare(ties(base, tuned[0]) + f"tokenizer_source: {stray}\n")
+    assert f"tokenizer_source '{stray}' is not a model of this recipe" in all_messages(info.value)
+    plan, _ = prepare(ties(base, *tuned[:2]) + f"tokenizer_source: {tuned[1]}\n")
+    assert plan.tokenizer_model == str(tuned[1])
+
+
+@pytest.mark.parametrize("name", ["alpaca", "chatml", "auto"])
+def test_named_chat_template_is_refused_not_written_as_the_template(family, name: str) -> None:
+    base, tuned = family
+    with pytest.raises(MergeError) as info:
+        prepare(ties(base, tuned[0]) + f"chat_template: {name}\n")
+    assert f"chat_template '{name}' is a template name" in all_messages(info.value)
+
+
+def test_literal_chat_template_is_accepted(family) -> None:
+    base, tuned = family
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    plan, _ = prepare(ties(base, tuned[0]) + f'chat_template: "{template}"\n')
+    assert plan.recipe.chat_template == template

@@ -243,6 +243,16 @@ def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
                 "use 'tokenizer_source: base' or a model name",
             )
         )
+    if raw.chat_template is not None and not _is_jinja(raw.chat_template):
+        # mergekit resolves names (chatml, llama3, alpaca, ..., auto) to its built-in templates;
+        # writing the name itself as the template would give a tokenizer that cannot chat.
+        problems.append(
+            MergeError(
+                f"{where(('chat_template',))}: chat_template '{raw.chat_template}' is a template "
+                "name; named templates are not supported yet",
+                "give the Jinja template itself, or leave chat_template out",
+            )
+        )
     if raw.tokenizer_source == "union":
         problems.append(
             MergeError(
@@ -315,6 +325,10 @@ def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
         source_name=source_name,
         lines=lines,
     )
+
+
+def _is_jinja(template: str) -> bool:
+    return "{{" in template or "{%" in template
 
 
 def _describe(err: Any, where: Any, data: Any) -> MergeError:

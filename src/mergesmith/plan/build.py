@@ -231,6 +231,15 @@ def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0
     )
     tok = recipe.tokenizer_source
     tokenizer_model = (first.text if first else None) if tok in (None, "base") else tok
+    if tokenizer_model is not None and tokenizer_model not in sources:
+        # Copying the tokenizer of a model the recipe does not merge would need that model
+        # opened too; never write a folder without the tokenizer that was asked for.
+        findings.problem(
+            f"{recipe.where('tokenizer_source')}: tokenizer_source '{tok}' is not a model of this "
+            "recipe",
+            "use 'base' or the name of one of the models merged",
+        )
+        raise MergeErrors(findings.problems)
     return Plan(
         recipe=recipe,
         method=method,
