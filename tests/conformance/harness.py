@@ -161,3 +161,31 @@ def assert_not_a_copy(merged: Mapping[str, torch.Tensor], inputs: list[Path]) ->
         assert any(not torch.equal(merged[n], model[n]) for n in merged), (
             f"the merge is a copy of {folder.name}; the recipe tests nothing"
         )
+
+
+TOY_LAYERS = 4  # the toy families' layer count (conftest's toy_models)
+TOY_INPUTS = ("base", "ft1", "ft2", "ft3")
+
+
+def assert_matches_mergekit(
+    case: str,
+    recipe: Path,
+    reference: MergekitBatch,
+    toy_models: Mapping[str, str],
+    out: Path,
+    layers: int = TOY_LAYERS,
+    *,
+    copy_allowed: bool = False,
+) -> None:
+    """Our merge of `recipe` against mergekit's: same tensor names, shapes, dtypes and values
+    (to 1e-5 relative), both with `layers` layers; unless `copy_allowed`, mergekit's output
+    must not equal one of the toy inputs (a recipe that copies an input would match trivially).
+    """
+    ours_dir = run_ours(recipe, out)
+    ref_dir = reference.output(case)
+    ref = load_folder(ref_dir)
+    assert_tensors_match(load_folder(ours_dir), ref)
+    assert num_layers(ref_dir) == layers
+    assert num_layers(ours_dir) == layers
+    if not copy_allowed:
+        assert_not_a_copy(ref, [Path(toy_models[k]) for k in TOY_INPUTS])

@@ -13,11 +13,10 @@ import pytest
 import torch
 
 from tests.conformance.harness import (
+    TOY_LAYERS,
     MergekitBatch,
-    assert_not_a_copy,
-    assert_tensors_match,
+    assert_matches_mergekit,
     load_folder,
-    num_layers,
     run_ours,
 )
 
@@ -227,7 +226,6 @@ dtype: float32
 }
 
 EXPECTED_LAYERS = {"sce_slices": 6}
-TOY_LAYERS = 4
 
 
 @pytest.mark.parametrize("case", list(RECIPES))
@@ -240,14 +238,8 @@ def test_matches_mergekit(
 ) -> None:
     """Same tensor names, shapes, dtypes and values (to 1e-5 relative), same layer count, and
     the merge is not a copy of an input."""
-    ours_dir = run_ours(recipes[case], tmp_path / "ours")
-    ref_dir = reference.output(case)
-    ref = load_folder(ref_dir)
-    assert_tensors_match(load_folder(ours_dir), ref)
     layers = EXPECTED_LAYERS.get(case, TOY_LAYERS)
-    assert num_layers(ref_dir) == layers
-    assert num_layers(ours_dir) == layers
-    assert_not_a_copy(ref, [Path(toy_models[k]) for k in ("base", "ft1", "ft2", "ft3")])
+    assert_matches_mergekit(case, recipes[case], reference, toy_models, tmp_path / "o", layers)
 
 
 @pytest.mark.parametrize("case", [c for c in RECIPES if c.startswith("ram")])

@@ -13,17 +13,13 @@ from pathlib import Path
 import pytest
 
 from tests.conformance.harness import (
+    TOY_LAYERS,
     MergekitBatch,
-    assert_not_a_copy,
-    assert_tensors_match,
-    load_folder,
-    num_layers,
-    run_ours,
+    assert_matches_mergekit,
 )
 
 pytestmark = pytest.mark.conformance
 
-TOY_LAYERS = 4
 
 RECIPES: dict[str, str] = {
     "model_stock": """\
@@ -203,11 +199,5 @@ def test_matches_mergekit(
     tmp_path: Path,
 ) -> None:
     """Same tensor names, shapes, dtypes and values (to 1e-5 relative), same layer count."""
-    ours_dir = run_ours(recipes[case], tmp_path / "ours")
-    ref_dir = reference.output(case)
-    ref = load_folder(ref_dir)
-    assert_tensors_match(load_folder(ours_dir), ref)
     layers = EXPECTED_LAYERS.get(case, TOY_LAYERS)
-    assert num_layers(ref_dir) == layers
-    assert num_layers(ours_dir) == layers
-    assert_not_a_copy(ref, [Path(toy_models[k]) for k in ("base", "ft1", "ft2", "ft3")])
+    assert_matches_mergekit(case, recipes[case], reference, toy_models, tmp_path / "o", layers)

@@ -26,11 +26,10 @@ from tests.conformance.harness import (
     BATCH_TIMEOUT_S,
     MERGEKIT_ARGS,
     REL_TOL,
+    TOY_LAYERS,
     MergekitBatch,
-    assert_not_a_copy,
-    assert_tensors_match,
+    assert_matches_mergekit,
     load_folder,
-    num_layers,
     run_ours,
 )
 
@@ -431,7 +430,6 @@ DOCUMENTED_DIFFERENCES: dict[str, str] = {
 }
 
 EXPECTED_LAYERS = {"passthrough_stack": 5, "passthrough_scale": 7, "ties_slices": 6}
-TOY_LAYERS = 4
 
 
 @dataclass(frozen=True)
@@ -526,15 +524,17 @@ def test_matches_mergekit(
     tmp_path: Path,
 ) -> None:
     """Same tensor names, shapes, dtypes and values (to 1e-5 relative), same layer count."""
-    ours_dir = run_ours(recipes[case], tmp_path / "ours")
-    ref_dir = reference.output(case)
-    ref = load_folder(ref_dir)
-    assert_tensors_match(load_folder(ours_dir), ref)
     layers = EXPECTED_LAYERS.get(case, TOY_LAYERS)
-    assert num_layers(ref_dir) == layers
-    assert num_layers(ours_dir) == layers
-    if not case.startswith("passthrough"):
-        assert_not_a_copy(ref, [Path(toy_models[k]) for k in ("base", "ft1", "ft2", "ft3")])
+    copy_allowed = case.startswith("passthrough")
+    assert_matches_mergekit(
+        case,
+        recipes[case],
+        reference,
+        toy_models,
+        tmp_path / "o",
+        layers,
+        copy_allowed=copy_allowed,
+    )
 
 
 @pytest.mark.parametrize("case", ["linear", "linear_unnormalized"])
