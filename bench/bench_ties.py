@@ -36,7 +36,38 @@ import measure
 
 BENCH = Path(__file__).resolve().parent
 MERGESMITH_SRC = BENCH.parent / "src" / "mergesmith"
-METHODS = ("ties", "linear", "dare_ties")
+
+
+@dataclass(frozen=True)
+class RecipeSpec:
+    """How the benchmark writes one method's recipe on the benchmark models."""
+
+    fine_tunes: int = 3
+    base: bool = True
+    per_model: tuple[str, ...] = ("density", "weight")
+    extra: tuple[str, ...] = ()  # top-level `parameters:` lines
+    random: bool = False
+
+
+METHODS: dict[str, RecipeSpec] = {
+    "ties": RecipeSpec(extra=("normalize: true", "int8_mask: true")),
+    "linear": RecipeSpec(base=False, per_model=("weight",), extra=("normalize: true",)),
+    "dare_ties": RecipeSpec(extra=("normalize: true", "int8_mask: true"), random=True),
+    "slerp": RecipeSpec(fine_tunes=1, per_model=(), extra=("t: 0.4",)),
+    "model_stock": RecipeSpec(per_model=()),
+    "nuslerp": RecipeSpec(fine_tunes=2, per_model=("weight",)),
+    "multislerp": RecipeSpec(per_model=("weight",)),
+    "karcher": RecipeSpec(base=False, per_model=()),
+    "sce": RecipeSpec(per_model=(), extra=("select_topk: 0.5",)),
+    "nearswap": RecipeSpec(fine_tunes=1, per_model=(), extra=("t: 0.001",)),
+    "arcee_fusion": RecipeSpec(fine_tunes=1, per_model=(), random=True),
+    "ram": RecipeSpec(per_model=()),
+    "ramplus_tl": RecipeSpec(per_model=()),
+}
+# The methods that hold whole tensors or make passes of their own: run again under a small
+# --max-memory, and on models twice the size, to show peak memory stays within the budget.
+BUDGET_METHODS = ("slerp", "model_stock", "nuslerp", "multislerp", "karcher", "sce", "nearswap")
+BUDGET = "256MB"
 MERGEKIT_VERSION = "0.1.5"
 # Installed before mergekit: left to pip, torch resolves to a multi-GB CUDA build.
 MERGEKIT_TORCH = "torch==2.13.0"
@@ -75,7 +106,7 @@ class Case:
 
     def inputs(self) -> list[Path]:
         fts = self.models.fts(self.n_fine_tunes)
-        return fts if self.method == "linear" else [self.models.base(), *fts]
+        return [self.models.base(), *fts] if METHODS[self.method].base else fts
 
 
 # mergesmith with its C kernels switched off: the code a GPU or a machine without a C
@@ -98,7 +129,7 @@ class Tool:
         else:
             argv = [str(self.exe), str(case.recipe), str(out)]
             seed = ["--random-seed", str(DARE_SEED)]
-        return argv + (seed if case.method.startswith("dare") else []) + self.extra
+        return argv + (seed if METHODS[case.method].random else []) + self.extra
 
 
 # --------------------------------------------------------------------------- inputs
@@ -110,21 +141,22 @@ def yaml_scalar(v: object) -> str:
 
 
 def write_recipe(case: Case, path: Path) -> None:
+    spec = METHODS[case.method]
     fts = case.models.fts(case.n_fine_tunes)
+    base = yaml_scalar(str(case.models.base()))
     lines = [f"merge_method: {case.method}"]
-    if case.method != "linear":
-        lines += [f"base_model: {yaml_scalar(str(case.models.base()))}"]
-    lines += ["models:"]
-    if case.method != "linear":
-        lines += [f"  - model: {yaml_scalar(str(case.models.base()))}"]
+    if spec.base:
+        lines += [f"base_model: {base}", "models:", f"  - model: {base}"]
+    else:
+        lines += ["models:"]
     for i, ft in enumerate(fts):
-        lines += [f"  - model: {yaml_scalar(str(ft))}", "    parameters:"]
-        if case.method != "linear":
-            lines += [f"      density: {DENSITIES[i % len(DENSITIES)]}"]
-        lines += [f"      weight: {WEIGHTS[i % len(WEIGHTS)]}"]
-    lines += ["parameters:", "  normalize: true"]
-    if case.method != "linear":
-        lines += ["  int8_mask: true"]
+        lines += [f"  - model: {yaml_scalar(str(ft))}"]
+        values = {"density": DENSITIES[i % len(DENSITIES)], "weight": WEIGHTS[i % len(WEIGHTS)]}
+        if spec.per_model:
+            lines += ["    parameters:"]
+            lines += [f"      {name}: {values[name]}" for name in spec.per_model]
+    if spec.extra:
+        lines += ["parameters:", *(f"  {line}" for line in spec.extra)]
     lines += ["dtype: bfloat16", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
@@ -617,6 +649,23 @@ def render(data: dict) -> str:
                 ]
             )
         lines += _table(header, rows)
+    budget = summarize(runs, "budget")
+    if budget:
+        lines += [f"## Memory within the budget (--max-memory {BUDGET})", ""]
+        header = ["case", "params/model", "tool", *ROW_HEADER]
+        rows = []
+        seen = dict.fromkeys((r["case"], r["tool"]) for r in runs if r["group"] == "budget")
+        for case, tool in seen:
+            r0 = next(r for r in runs if r["case"] == case and r["tool"] == tool)
+            rows.append(
+                [case, f"{r0['params_per_model'] / 1e6:.0f}M", tool, *_fmt_row(budget[case, tool])]
+            )
+        lines += _table(header, rows)
+        lines += [
+            "Peak RSS counts the memory-mapped input pages a job touches; anon is the memory "
+            "the merge itself holds.",
+            "",
+        ]
     if data["comparisons"]:
         lines += ["## Output agreement (mergesmith vs mergekit, and vs its own torch code)", ""]
         rows = []
@@ -665,6 +714,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--scaling is given",
     )
     ap.add_argument("--scaling", action=argparse.BooleanOptionalAction, default=None)
+    ap.add_argument(
+        "--budget",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help=f"run {', '.join(BUDGET_METHODS)} under --max-memory {BUDGET} on 1x and 2x models",
+    )
     ap.add_argument("--scale-models", default="2,4,8", help="fine-tune counts for scaling")
     ap.add_argument(
         "--scaling-mergekit",
@@ -779,7 +834,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     recipes = args.work / "recipes"
     for method in methods:
-        case = Case(method, method, one_x, 3)
+        case = Case(method, method, one_x, METHODS[method].fine_tunes)
         write_recipe(case, recipes / f"{method}.yml")
         bench.run_case(case, tools, args.repeat, "methods")
         if args.compare:
@@ -797,6 +852,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         for case in cases:
             write_recipe(case, recipes / f"{case.name}.yml")
             bench.run_case(case, scale_tools, args.repeat, "scaling")
+
+    budget_methods = [m for m in BUDGET_METHODS if m in methods] if args.budget else []
+    ms_tool = next((t for t in tools if t.name == "mergesmith"), None)
+    if budget_methods and ms_tool is not None:
+        if two_x not in sets:
+            ensure_models(two_x)
+        bounded = Tool(f"mergesmith --max-memory {BUDGET}", ms_tool.exe, [*ms_tool.extra])
+        bounded.extra += ["--max-memory", BUDGET]
+        for method in budget_methods:
+            for s in (one_x, two_x):
+                case = Case(f"{method}-{s.label}", method, s, METHODS[method].fine_tunes)
+                write_recipe(case, recipes / f"{case.name}.yml")
+                bench.run_case(case, [bounded], args.repeat, "budget")
 
     runs: list[dict] = bench.data["runs"]  # type: ignore[assignment]
     versions = {r["mergesmith_src"] for r in runs if r["tool"] == "mergesmith"}
