@@ -3,6 +3,7 @@ parameters, seeds and peak memory."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping
 
 from mergesmith.config import DTYPE_NAMES, ModelInput, Recipe
@@ -111,7 +112,7 @@ class _Builder:
         if ref_meta.dtype not in FLOATING:
             # Integer buffers (position ids, masks) are not weights: keep the reference's values.
             first = base_input or inputs[0]
-            numel = _numel(ref_meta.shape)
+            numel = math.prod(ref_meta.shape)
             self.jobs.append(
                 TensorJob(
                     len(self.jobs),
@@ -135,7 +136,7 @@ class _Builder:
             for entry in members
         )
         seeds = tuple(derive_seed(self.seed, e.ref.text, out_name) for e in members)
-        size = JobSize(_numel(ref_meta.shape), len(read), in_itemsize, ITEMSIZE[dtype])
+        size = JobSize(math.prod(ref_meta.shape), len(read), in_itemsize, ITEMSIZE[dtype])
         self.jobs.append(
             TensorJob(
                 index=len(self.jobs),
@@ -189,13 +190,6 @@ class _Builder:
             )
             return None
         return TensorInput(entry.ref.text, name, crop)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0) -> Plan:
