@@ -366,3 +366,23 @@ def test_a_fine_tune_stored_as_bin_with_nan_is_named_too(family: Family, tmp_pat
         merge(ties(base, folder), tmp_path / "out", threads=1)
     (message,) = messages(info.value)
     assert str(folder) in message and f"'{POISONED_TENSOR}'" in message
+
+
+def test_merged_values_past_the_output_dtype_are_an_error_not_inf(tmp_path: Path) -> None:
+    """Finite inputs whose merge overflows float16 (two models near 40000 summed without
+    normalising): the engine's output check names the tensor instead of writing inf."""
+    shape = ToyShape()
+    tensors = base_tensors(shape, 3)
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = torch.full_like(tensors[name], 40000.0)
+    big = save_model(tmp_path / "big", tensors, llama_config(shape, torch.float32))
+    twin = shutil.copytree(big, tmp_path / "twin")
+    recipe = "merge_method: linear\nmodels:\n" + "".join(
+        f"  - model: {m}\n    parameters: {{weight: 1.0}}\n" for m in (big, twin)
+    )
+    recipe += "parameters: {normalize: false}\ndtype: float16\n"
+    out = tmp_path / "out"
+    result = run_cli("run", write_recipe(tmp_path, recipe), out)
+    assert result.returncode == 2, result.stderr
+    assert f"merged tensor '{name}' has values too large for float16" in result.stderr
+    assert "Traceback" not in result.stderr and not out.exists()

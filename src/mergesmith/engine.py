@@ -221,7 +221,8 @@ def compute(
     if not allow_nonfinite and not _all_finite(result):
         _require_finite(loaded)
         raise MergeError(
-            f"merged tensor '{job.name}' has values too large for {job.dtype}",
+            f"merged tensor '{job.name}' has values too large for "
+            f"{str(result.dtype).removeprefix('torch.')}",
             "the weights scale the models up too far; lower them, or set a wider 'dtype'",
         )
     del base, models, loaded
