@@ -162,7 +162,6 @@ class MergeMethod:
     fixed_per_model: frozenset[str] = frozenset()
     # Cross-parameter rules of one model's resolved values: why they are invalid, or None.
     check_model: Callable[[Mapping[str, Any]], str | None] | None = field(default=None)
-    module: str = ""
 
     @property
     def needs_base(self) -> bool:
@@ -235,7 +234,6 @@ def merge_method(
                     s.arg for s in specs if s.per_model and s.arg in fixed_args
                 ),
                 check_model=check_model,
-                module=function.__module__,
             )
         )
         return function
