@@ -160,6 +160,8 @@ class MergeMethod:
     # a per-model one is given one value for all models.
     fixed: Mapping[str, Any] = field(default_factory=dict)
     fixed_per_model: frozenset[str] = frozenset()
+    # Which of `seeds` and `out_dtype` the function declares, read once from its signature.
+    context: frozenset[str] = frozenset()
     # Cross-parameter rules of one model's resolved values: why they are invalid, or None.
     check_model: Callable[[Mapping[str, Any]], str | None] | None = field(default=None)
 
@@ -187,10 +189,9 @@ class MergeMethod:
                 kwargs[spec.arg] = [m[spec.name] for m in inputs.model_params]
             else:
                 kwargs[spec.arg] = inputs.params[spec.name]
-        wanted = inspect.signature(self.function).parameters
-        if "seeds" in wanted:
+        if "seeds" in self.context:
             kwargs["seeds"] = list(inputs.seeds)
-        if "out_dtype" in wanted:
+        if "out_dtype" in self.context:
             kwargs["out_dtype"] = inputs.out_dtype or torch.float32
         result = self.function(inputs.base, list(inputs.models), **kwargs)
         return result.to(inputs.out_dtype or torch.float32)
@@ -234,6 +235,7 @@ def merge_method(
                     s.arg for s in specs if s.per_model and s.arg in fixed_args
                 ),
                 check_model=check_model,
+                context=frozenset(_CONTEXT) & set(inspect.signature(function).parameters),
             )
         )
         return function
