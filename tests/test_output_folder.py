@@ -94,9 +94,26 @@ def test_config_card_recipe_and_tokenizer_files(family, tmp_path: Path) -> None:
     assert (out / "mergesmith_config.yml").read_text() == text
     card = (out / "README.md").read_text()
     assert "ties" in card and "density: [1, 0.7, 0.1]" in card and str(base) in card
-    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        assert (out / name).read_bytes() == (tuned[1] / name).read_bytes()
+    # A tokenizer setting rebuilds the tokenizer (as mergekit does): same tokens, same ids.
+    from transformers import AutoTokenizer
+
+    assert AutoTokenizer.from_pretrained(out).get_vocab() == (
+        AutoTokenizer.from_pretrained(tuned[1]).get_vocab()
+    )
+    assert (out / "generation_config.json").read_bytes() == (
+        tuned[1] / "generation_config.json"
+    ).read_bytes()
     assert all(t.dtype == torch.bfloat16 for t in load_all(out).values())
+
+
+def test_without_a_tokenizer_setting_the_base_tokenizer_files_are_copied_as_they_are(
+    family, tmp_path: Path
+) -> None:
+    base, tuned = family
+    out = tmp_path / "out"
+    merge(write_recipe(tmp_path, seed_ties(base, tuned, "float32")), out)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).read_bytes() == (base / name).read_bytes()
 
 
 def test_slices_update_the_layer_count(family, tmp_path: Path) -> None:

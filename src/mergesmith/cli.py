@@ -191,6 +191,13 @@ def validate(recipe: str, seed: int, show_plan: bool, out_dir: str | None, debug
             for job in plan.jobs:
                 sources = ", ".join(f"{i.model}:{i.name}" for i in job.inputs)
                 click.echo(f"{job.name} {list(job.shape)} {job.dtype} <- {sources}")
+        if plan.vocab is not None:
+            vocab = plan.vocab
+            padding = vocab.rows - vocab.real_rows
+            click.echo(
+                f"vocabulary: {vocab.real_rows} tokens ({vocab.described})"
+                + (f", padded to {vocab.rows} rows" if padding else "")
+            )
         click.echo(
             f"ok: {plan.method.name}, {len(plan.jobs)} tensors, "
             f"{plan.total_bytes / 1e6:.1f} MB to write"

@@ -15,6 +15,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from mergesmith.errors import MergeError, MergeErrors
+from mergesmith.vocab.chat import chat_template_problem
+from mergesmith.vocab.spec import TokenizerSpec, tokenizer_spec
 from mergesmith.yamlpos import line_of, load_with_positions
 
 # A parameter setting as written: a scalar, a gradient (list of numbers), or filter entries.
@@ -61,6 +63,18 @@ class _SliceYaml(_Strict):
     parameters: dict[str, Any] | None = None
 
 
+class _TokenYaml(_Strict):
+    # A model name, {kind: model_token, ...} or {kind: zero}: vocab.spec checks the forms.
+    source: str | dict[str, Any] | None = None
+    force: bool = False
+
+
+class _TokenizerYaml(_Strict):
+    source: str = "union"
+    tokens: dict[str, _TokenYaml] | None = None
+    pad_to_multiple_of: int | None = None
+
+
 class _RecipeYaml(_Strict):
     merge_method: str
     base_model: str | None = None
@@ -70,7 +84,7 @@ class _RecipeYaml(_Strict):
     dtype: str | None = None
     out_dtype: str | None = None
     tokenizer_source: str | None = None
-    tokenizer: dict[str, Any] | None = None
+    tokenizer: _TokenizerYaml | None = None
     chat_template: str | None = None
 
     @field_validator("dtype", "out_dtype")
@@ -86,6 +100,8 @@ _FIELDS_AT: dict[str, type[BaseModel]] = {
     "models": _ModelYaml,
     "slices": _SliceYaml,
     "sources": _SourceYaml,
+    "tokenizer": _TokenizerYaml,
+    "tokens": _TokenYaml,
 }
 
 
@@ -142,7 +158,7 @@ class Recipe:
     parameters: dict[str, Setting]
     dtype: str | None
     out_dtype: str | None
-    tokenizer_source: str | None
+    tokenizer: TokenizerSpec | None  # from `tokenizer_source` or a `tokenizer:` block
     chat_template: str | None
     text: str
     source_name: str
@@ -236,30 +252,22 @@ def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
             problems.append(
                 MergeError(f"{where((key,))}: '{key}' is empty", "list at least one entry")
             )
-    if raw.tokenizer is not None:
-        problems.append(
-            MergeError(
-                f"{where(('tokenizer',))}: 'tokenizer:' (vocabulary surgery) is not supported yet",
-                "use 'tokenizer_source: base' or a model name",
+    tokenizer, tokenizer_problems = tokenizer_spec(
+        raw.tokenizer_source,
+        raw.tokenizer.model_dump(exclude_unset=True) if raw.tokenizer else None,
+        where,
+    )
+    problems.extend(tokenizer_problems)
+    if raw.chat_template is not None:
+        problem = chat_template_problem(raw.chat_template)
+        if problem:
+            problems.append(
+                MergeError(
+                    f"{where(('chat_template',))}: {problem}",
+                    "use a built-in name, 'auto' (the models' most common template), or the "
+                    "Jinja template itself",
+                )
             )
-        )
-    if raw.chat_template is not None and not _is_jinja(raw.chat_template):
-        # mergekit resolves names (chatml, llama3, alpaca, ..., auto) to its built-in templates;
-        # writing the name itself as the template would give a tokenizer that cannot chat.
-        problems.append(
-            MergeError(
-                f"{where(('chat_template',))}: chat_template '{raw.chat_template}' is a template "
-                "name; named templates are not supported yet",
-                "give the Jinja template itself, or leave chat_template out",
-            )
-        )
-    if raw.tokenizer_source == "union":
-        problems.append(
-            MergeError(
-                f"{where(('tokenizer_source',))}: tokenizer_source 'union' is not supported yet",
-                "use 'base' or a model name",
-            )
-        )
 
     def ref(text: str, path: tuple[str | int, ...]) -> ModelRef | None:
         try:
@@ -319,16 +327,12 @@ def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
         parameters=dict(raw.parameters or {}),
         dtype=raw.dtype,
         out_dtype=raw.out_dtype,
-        tokenizer_source=raw.tokenizer_source,
+        tokenizer=tokenizer,
         chat_template=raw.chat_template,
         text=text,
         source_name=source_name,
         lines=lines,
     )
-
-
-def _is_jinja(template: str) -> bool:
-    return "{{" in template or "{%" in template
 
 
 def _describe(err: Any, where: Any, data: Any) -> MergeError:
@@ -338,6 +342,8 @@ def _describe(err: Any, where: Any, data: Any) -> MergeError:
     if kind == "extra_forbidden":
         key = str(loc[-1])
         parent = next((p for p in reversed(loc[:-1]) if isinstance(p, str)), "")
+        if loc[:2] == ("tokenizer", "tokens") and len(loc) == 4:
+            parent = "tokens"  # loc[2] is the token itself
         valid = list(_FIELDS_AT.get(parent, _RecipeYaml).model_fields)
         close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
         hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"

@@ -210,6 +210,13 @@ def compute(
     loaded += list(zip(job.inputs, models, strict=True))
     if not allow_nonfinite and method.finite_check == "inputs":
         _require_finite(loaded)
+    if job.vocab is not None:
+        # Rows by token string, as the output tokenizer numbers them (the base comes first).
+        aligned = job.vocab.align([base, *models] if base is not None else models)
+        if base is not None:
+            base, *models = aligned
+        else:
+            models = aligned
     inputs = MethodInputs(
         base, models, job.params, job.model_params, job.seeds, out_dtype=to_torch(job.dtype)
     )

@@ -187,11 +187,8 @@ class Expect:
 
 
 _F32 = "computed in bf16/fp16 by mergekit, float32 rounded once by us (SEMANTICS.md 1)"
-_TOKENIZER = "tokenizer handling: the `tokenizer:` block (SEMANTICS.md 7)"
-_UNION = "tokenizer handling: `tokenizer_source: union` (SEMANTICS.md 7)"
 _RANDOM = "random method below density 1: masks differ, compared by structure"
 _OUTSIDE = "tokenizer handling: a tokenizer_source that is not merged (SEMANTICS.md 7)"
-_NAMED_TEMPLATE = "tokenizer handling: named chat templates such as alpaca, auto (SEMANTICS.md 7)"
 
 EXPECTED: dict[str, Expect] = {
     "001_mergekit-example-linear": Expect(MATCH, _F32, float32=True),
@@ -203,12 +200,11 @@ EXPECTED: dict[str, Expect] = {
     # Verbatim, mergekit's arcee_fusion writes float32 whatever `dtype` says and we write the
     # recipe's bfloat16 (SEMANTICS.md 5), besides the precision difference.
     "006_mergekit-example-arcee_fusion": Expect(MATCH, _F32, float32=True),
-    # mergekit rejects the model listed twice before reading weights; we stop earlier, at the
-    # `tokenizer:` block, and behind it reject the duplicate too ("is listed twice").
+    # mergekit rejects the model listed twice before reading weights, and so do we.
     "007_megamoon-karcher-12b": Expect(
         BOTH_FAIL,
-        "mergekit: duplicate merge input; we: tokenizer block, then the duplicate",
-        ours_error="'tokenizer:' (vocabulary surgery) is not supported yet",
+        "a model listed twice",
+        ours_error="is listed twice",
         mergekit_error="ValueError: Duplicate merge inputs",
     ),
     # mergekit is not run on it here (MERGEKIT_NOT_RUN).
@@ -224,11 +220,9 @@ EXPECTED: dict[str, Expect] = {
         ours_error="unknown key 'name'",
         float32=True,
     ),
-    "010_kansensakura-symbiosis-multislerp": Expect(
-        MISSING, _TOKENIZER, ours_error="'tokenizer:' (vocabulary surgery)", float32=True
-    ),
+    "010_kansensakura-symbiosis-multislerp": Expect(MATCH, _F32, float32=True),
     # mergekit silently ignores the top-level `pad_to_multiple_of` and `int8_mask` (they belong
-    # under `tokenizer:` and `parameters:`); behind them we would also stop at `tokenizer:`.
+    # under `tokenizer:` and `parameters:`).
     "011_sapphira-l33-70b-multislerp": Expect(
         BY_DESIGN,
         "top-level keys mergekit ignores are errors (SEMANTICS.md 1)",
@@ -253,9 +247,7 @@ EXPECTED: dict[str, Expect] = {
         ours_error="unknown key 'dype'",
     ),
     # dtype float32 with out_dtype bfloat16: both compute in float32, so kept verbatim.
-    "015_strawberrylemonade-v12-nuslerp": Expect(
-        MISSING, _TOKENIZER, ours_error="'tokenizer:' (vocabulary surgery)"
-    ),
+    "015_strawberrylemonade-v12-nuslerp": Expect(MATCH),
     "016_weirdcompound-v17-nuslerp-malformed": Expect(
         BOTH_FAIL,
         "not YAML as published",
@@ -282,25 +274,15 @@ EXPECTED: dict[str, Expect] = {
         ours_error="unknown key 'modules'",
         random=True,
     ),
-    "022_angelslayer-12b-v3-della-linear-filters": Expect(
-        MISSING, _UNION, ours_error="tokenizer_source 'union' is not supported yet", random=True
-    ),
-    "023_fiery-lynx-24b-della-linear": Expect(
-        MISSING, _TOKENIZER, ours_error="'tokenizer:' (vocabulary surgery)", random=True
-    ),
+    "022_angelslayer-12b-v3-della-linear-filters": Expect(MATCH, _RANDOM, random=True),
+    "023_fiery-lynx-24b-della-linear": Expect(MATCH, _RANDOM, random=True),
     "024_eggs-and-bread-rp-pt1-dare-ties-gradients": Expect(MATCH, _RANDOM, random=True),
     "025_eggs-and-bread-rp-pt2-breadcrumbs-ties": Expect(MATCH, _F32, float32=True),
     "026_scrambled-eggs-on-toast-1-slerp": Expect(MATCH, _F32, float32=True),
     "027_eggs-and-bread-iq-pt2-breadcrumbs-ties": Expect(MATCH, _F32, float32=True),
-    "028_ice0146-rp-breadcrumbs-windows-paths": Expect(
-        MISSING, _NAMED_TEMPLATE, ours_error="is a template name", float32=True
-    ),
-    "029_lunar-abyss-12b-della-filter-gradients": Expect(
-        MISSING, _TOKENIZER, ours_error="'tokenizer:' (vocabulary surgery)", random=True
-    ),
-    "030_wingless-moon-maiden-8b-della": Expect(
-        MISSING, _UNION, ours_error="tokenizer_source 'union' is not supported yet", random=True
-    ),
+    "028_ice0146-rp-breadcrumbs-windows-paths": Expect(MATCH, _F32, float32=True),
+    "029_lunar-abyss-12b-della-filter-gradients": Expect(MATCH, _RANDOM, random=True),
+    "030_wingless-moon-maiden-8b-della": Expect(MATCH, _RANDOM, random=True),
     # No density anywhere: DARE at its default density 1 drops nothing, so it is exact.
     "031_midnight-miqu-70b-v15-dare-linear": Expect(MATCH, _F32, float32=True),
     "032_wytchen-llmservice-taide-task-arithmetic": Expect(MATCH, _F32, float32=True),
@@ -331,19 +313,18 @@ EXPECTED: dict[str, Expect] = {
         ours_error="is not a model of this recipe",
         mergekit_error="Repo id must be in the form",
     ),
-    "039_gemma-moon-2-9b-dare-ties": Expect(
-        MISSING, _NAMED_TEMPLATE, ours_error="is a template name", random=True
-    ),
+    "039_gemma-moon-2-9b-dare-ties": Expect(MATCH, _RANDOM, random=True),
     # `tol: 1e-5` is a string in YAML 1.1; both read it as the number.
     "040_karcher-default-quoted-paths-1e-5": Expect(MATCH, _F32, float32=True),
     "041_carvalho-pt-gl-dare-linear-rescale-false": Expect(MATCH, _F32, float32=True),
     # dtype float32 with out_dtype bfloat16: both compute in float32, so kept verbatim.
     "042_phoebe-sentimental-arcee-fusion-weights": Expect(MATCH),
     "043_mn-hekate-model-stock-filtered-weights": Expect(MATCH),
-    # Behind the `tokenizer:` block, `smooth` and `allow_negative_weights` (read by no method)
-    # are errors by design: once tokenizers land this becomes a BY_DESIGN refusal.
+    # `smooth` and `allow_negative_weights` are read by no method: mergekit ignores them.
     "044_novaciano-rp-v3-sce-extra-params": Expect(
-        MISSING, _TOKENIZER, ours_error="'tokenizer:' (vocabulary surgery)"
+        BY_DESIGN,
+        "parameters no method reads are errors (SEMANTICS.md 1)",
+        ours_error="smooth",
     ),
     # mergekit ignores `revision:` on a source, so both slices read the same revision; the
     # author meant `dpo-v0` for the first (mergekit's spelling is `MODEL@dpo-v0`).
@@ -604,15 +585,26 @@ def test_published_recipe(
     assert_same_merge(case, run.out, reference.out(case), toy_models, expect.random)
 
 
-def tokenizer_view(folder: Path) -> tuple[bool, str | None]:
-    """Whether a tokenizer was written, and the chat template it carries (transformers 5 keeps
-    it in chat_template.jinja, older writers in tokenizer_config.json)."""
-    template = folder / "chat_template.jinja"
-    if template.is_file():
-        return (folder / "tokenizer.json").is_file(), template.read_text(encoding="utf-8")
-    config = folder / "tokenizer_config.json"
-    loaded = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
-    return (folder / "tokenizer.json").is_file(), loaded.get("chat_template")
+CONVERSATION = [
+    {"role": "system", "content": "You are terse."},
+    {"role": "user", "content": "merge two models"},
+    {"role": "assistant", "content": "done"},
+    {"role": "user", "content": "again"},
+]
+
+
+def tokenizer_view(folder: Path) -> tuple[dict[str, int], str | None]:
+    """The output tokenizer's vocabulary and how its chat template renders a conversation: our
+    built-in templates are our own text, so they are compared by what they produce."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    rendered = None
+    if tokenizer.chat_template:
+        rendered = tokenizer.apply_chat_template(
+            CONVERSATION, tokenize=False, add_generation_prompt=True
+        )
+    return tokenizer.get_vocab(), rendered
 
 
 @pytest.mark.parametrize(

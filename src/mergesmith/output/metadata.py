@@ -14,6 +14,7 @@ from mergesmith.dtypes import CONFIG_NAME
 from mergesmith.output.writer import NO_SPACE
 from mergesmith.plan import Plan
 from mergesmith.sources.base import ModelSource
+from mergesmith.vocab.tokenizers import quiet_transformers
 
 TOKENIZER_FILES = (
     "tokenizer.json",
@@ -49,26 +50,34 @@ def write_config(plan: Plan, sources: dict[str, ModelSource], folder: Path) -> N
         for key in ("num_hidden_layers", "n_layer", "num_layers"):
             if key in config:
                 config[key] = plan.num_layers
+    if plan.vocab is not None:
+        # The rows written, which is what the model's embeddings will be loaded with.
+        text = config.get("text_config")
+        holder = text if isinstance(text, dict) and "vocab_size" in text else config
+        holder["vocab_size"] = plan.vocab.rows
     write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
 
 
-def copy_tokenizer(plan: Plan, sources: dict[str, ModelSource], folder: Path) -> list[str]:
+def write_tokenizer(plan: Plan, sources: dict[str, ModelSource], folder: Path) -> list[str]:
+    """The output tokenizer: the one the plan built or loaded (for a tokenizer setting or a chat
+    template), else the tokenizer source's files copied as they are; with its generation config.
+    Returns the names of the files written."""
     source = sources.get(plan.tokenizer_model) if plan.tokenizer_model else None
-    copied = []
+    before = {p.name for p in folder.iterdir()}
+    names = list(TOKENIZER_FILES)
+    if plan.tokenizer is not None:
+        if plan.chat_template is not None:
+            plan.tokenizer.chat_template = plan.chat_template
+        with quiet_transformers(), _naming(folder):
+            plan.tokenizer.save_pretrained(str(folder))
+        names = ["generation_config.json"]
     if source is not None:
-        for name in TOKENIZER_FILES:
+        for name in names:
             path = source.folder / name
             if path.is_file():
                 with _naming(folder / name):
                     shutil.copyfile(path, folder / name)
-                copied.append(name)
-    template = plan.recipe.chat_template
-    if template:
-        config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
-        config["chat_template"] = template
-        write_text(config_path, json.dumps(config, indent=2) + "\n")
-    return copied
+    return sorted({p.name for p in folder.iterdir()} - before)
 
 
 def write_card(plan: Plan, folder: Path) -> None:

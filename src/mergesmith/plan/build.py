@@ -8,7 +8,7 @@ from collections.abc import Callable, Mapping
 
 from mergesmith.config import DTYPE_NAMES, ModelInput, Recipe
 from mergesmith.dtypes import FLOATING, ITEMSIZE
-from mergesmith.errors import MergeErrors
+from mergesmith.errors import MergeError, MergeErrors
 from mergesmith.layers import is_embedding, is_input_side, layer_of
 from mergesmith.methods.registry import JobSize, MergeMethod
 from mergesmith.plan.jobs import Plan, TensorInput, TensorJob, derive_seed
@@ -17,6 +17,10 @@ from mergesmith.plan.method_checks import check_parameter_names, find_method, sp
 from mergesmith.plan.params import ParamResolver
 from mergesmith.plan.problems import Findings
 from mergesmith.sources.base import ModelSource
+from mergesmith.vocab.align import RowPlan, check_sources, row_plan
+from mergesmith.vocab.build import OutputVocab, build_vocab
+from mergesmith.vocab.chat import read_chat_template, resolve_chat_template
+from mergesmith.vocab.tokenizers import load_tokenizer
 
 NameIn = Callable[[ModelInput], str]
 
@@ -29,8 +33,11 @@ class _Builder:
         sources: Mapping[str, ModelSource],
         seed: int,
         findings: Findings,
+        vocab: OutputVocab | None,
     ) -> None:
         self.recipe = recipe
+        self.vocab = vocab
+        self.row_plans: dict[tuple[tuple[str, ...], str | None], RowPlan] = {}
         self.method = method
         self.sources = sources
         self.seed = seed
@@ -97,17 +104,25 @@ class _Builder:
         embedding = is_embedding(
             ref_name, ref_meta.shape, vocab if isinstance(vocab, int) else None
         )
+        aligned = embedding and self.vocab is not None
         inputs: list[TensorInput] = []
         for entry in members:
-            found = self._input(entry, name_in(entry), reference, ref_meta, embedding)
+            found = self._input(entry, name_in(entry), reference, ref_meta, embedding, aligned)
             if found is None:
                 return
             inputs.append(found)
         base_input = TensorInput(base_entry.ref.text, ref_name) if base_entry else None
-        out_dtype = self.recipe.out_dtype or self.recipe.dtype
-        dtype = DTYPE_NAMES[out_dtype] if out_dtype else ref_meta.dtype
         read = [base_input] if base_input else []
         read += inputs
+        rows = None
+        shape = ref_meta.shape
+        if aligned:
+            rows = self._row_plan(group, out_name, read)
+            if rows is None:
+                return
+            shape = (rows.rows, *ref_meta.shape[1:])
+        out_dtype = self.recipe.out_dtype or self.recipe.dtype
+        dtype = DTYPE_NAMES[out_dtype] if out_dtype else ref_meta.dtype
         in_itemsize = max(ITEMSIZE[self.sources[i.model].tensors[i.name].dtype] for i in read)
         if ref_meta.dtype not in FLOATING:
             # Integer buffers (position ids, masks) are not weights: keep the reference's values.
@@ -136,12 +151,15 @@ class _Builder:
             for entry in members
         )
         seeds = tuple(derive_seed(self.seed, e.ref.text, out_name) for e in members)
-        size = JobSize(math.prod(ref_meta.shape), len(read), in_itemsize, ITEMSIZE[dtype])
+        size = JobSize(math.prod(shape), len(read), in_itemsize, ITEMSIZE[dtype])
+        work = self.method.memory(size)
+        if rows is not None:
+            work += rows.extra_bytes(math.prod(shape[1:]), in_itemsize)
         self.jobs.append(
             TensorJob(
                 index=len(self.jobs),
                 name=out_name,
-                shape=ref_meta.shape,
+                shape=shape,
                 dtype=dtype,
                 method=self.method.name,
                 base=base_input,
@@ -149,12 +167,47 @@ class _Builder:
                 params=params,
                 model_params=model_params,
                 seeds=seeds,
-                work_bytes=self.method.memory(size),
+                work_bytes=work,
+                vocab=rows,
             )
         )
 
+    def _row_plan(self, group: Group, out_name: str, read: list[TensorInput]) -> RowPlan | None:
+        """The rows each input of a vocabulary tensor takes, or None after recording why a
+        model's tokenizer names a row its tensor does not have."""
+        assert self.vocab is not None
+        models = tuple(inp.model for inp in read)
+        key = (models, group.base)
+        if key not in self.row_plans:
+            try:
+                self.row_plans[key] = row_plan(self.vocab, models, group.base, self.findings.warn)
+            except MergeError as exc:
+                self.findings.problem(exc.message, exc.hint)
+                return None
+        plan = self.row_plans[key]
+        for k, inp in enumerate(read):
+            # The config's vocab_size is what mergekit trusts; the tensor is what can be read.
+            tensor_rows = self.sources[inp.model].tensors[inp.name].shape[0]
+            have = min(tensor_rows, self.vocab.model_rows[inp.model])
+            if plan.highest_row[k] >= have:
+                token, token_id = self.vocab.first_token_past(inp.model, have)
+                self.findings.problem(
+                    f"model '{inp.model}': token {token!r} has id {token_id} in its tokenizer, "
+                    f"past the {have} rows of '{inp.name}'",
+                    "fix the model's tokenizer or embeddings, or give the token a source with "
+                    "'force: true' under tokenizer.tokens",
+                )
+                return None
+        return plan
+
     def _input(
-        self, entry: ModelInput, name: str, reference: ModelInput, ref_meta, embedding: bool
+        self,
+        entry: ModelInput,
+        name: str,
+        reference: ModelInput,
+        ref_meta,
+        embedding: bool,
+        aligned: bool,
     ) -> TensorInput | None:
         """What one model contributes to a tensor, or None after recording why it cannot."""
         meta = self.sources[entry.ref.text].tensors.get(name)
@@ -166,7 +219,9 @@ class _Builder:
             )
             return None
         crop = None
-        if meta.shape != ref_meta.shape:
+        if aligned and meta.shape[1:] == ref_meta.shape[1:]:
+            pass  # rows are re-indexed to the output vocabulary, whatever their count
+        elif meta.shape != ref_meta.shape:
             larger = len(meta.shape) == len(ref_meta.shape) and all(
                 m >= r for m, r in zip(meta.shape, ref_meta.shape, strict=True)
             )
@@ -199,8 +254,18 @@ def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0
     if method is None:
         raise MergeErrors(findings.problems)
     check_parameter_names(recipe, method, findings)
+    vocab = None
+    if recipe.tokenizer is not None:
+        # Tokenizer files only: a bad tokenizer stops here, before any weight is read.
+        try:
+            vocab = build_vocab(recipe, sources)
+        except MergeError as exc:
+            raise MergeErrors([*findings.problems, exc]) from None
+        findings.problems.extend(check_sources(vocab))
+        for warning in vocab.warnings:
+            findings.warn(warning)
     groups = groups_of(recipe, sources, findings)
-    builder = _Builder(recipe, method, sources, seed, findings)
+    builder = _Builder(recipe, method, sources, seed, findings, vocab)
     num_layers = None
     if groups and not findings.problems:
         layer_out = 0
@@ -223,27 +288,37 @@ def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0
     first = recipe.base_model or (
         recipe.referenced_models()[0] if recipe.referenced_models() else None
     )
-    tok = recipe.tokenizer_source
-    tokenizer_model = (first.text if first else None) if tok in (None, "base") else tok
-    if tokenizer_model is not None and tokenizer_model not in sources:
-        # Copying the tokenizer of a model the recipe does not merge would need that model
-        # opened too; never write a folder without the tokenizer that was asked for.
-        findings.problem(
-            f"{recipe.where('tokenizer_source')}: tokenizer_source '{tok}' is not a model of this "
-            "recipe",
-            "use 'base' or the name of one of the models merged",
-        )
-        raise MergeErrors(findings.problems)
+    source_model = recipe.tokenizer.source_model if recipe.tokenizer else None
+    tokenizer_model = source_model or (first.text if first else None)
+    template = chat_template_text(recipe, sources)
+    tokenizer = vocab.tokenizer if vocab is not None else None
+    if tokenizer is None and recipe.chat_template and tokenizer_model is not None:
+        # Loaded now, so that a tokenizer that cannot take the template fails before merging.
+        tokenizer = load_tokenizer(tokenizer_model, sources[tokenizer_model].folder)
     return Plan(
         recipe=recipe,
         method=method,
         jobs=builder.jobs,
         config_model=first.text if first else None,
         tokenizer_model=tokenizer_model,
+        vocab=vocab,
+        tokenizer=tokenizer,
+        chat_template=template,
         num_layers=num_layers,
         seed=seed,
         warnings=findings.warnings,
     )
+
+
+def chat_template_text(recipe: Recipe, sources: Mapping[str, ModelSource]) -> str | None:
+    """The recipe's chat_template as the text to write (None: leave the tokenizer's own)."""
+    setting = recipe.chat_template
+    if not setting:
+        return None
+    found = []
+    if setting == "auto":
+        found = [read_chat_template(sources[r.text].folder) for r in recipe.referenced_models()]
+    return resolve_chat_template(setting, found)
 
 
 def _dropped_tensor_warnings(

@@ -6,11 +6,15 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mergesmith.config import Recipe
 from mergesmith.dtypes import ITEMSIZE
 from mergesmith.methods.registry import MergeMethod
+
+if TYPE_CHECKING:
+    from mergesmith.vocab.align import RowPlan
+    from mergesmith.vocab.build import OutputVocab
 
 
 @dataclass(frozen=True)
@@ -35,6 +39,9 @@ class TensorJob:
     # Memory this job holds at its peak while it runs, by its method's memory model.
     work_bytes: int
     copy_only: bool = False  # integer buffers are copied from the first input, never mixed
+    # A vocabulary tensor under a tokenizer setting: its inputs' rows are re-indexed to the
+    # output tokens (base first, then inputs) before the method sees them.
+    vocab: RowPlan | None = None
 
     @property
     def numel(self) -> int:
@@ -52,6 +59,10 @@ class Plan:
     jobs: list[TensorJob]
     config_model: str | None
     tokenizer_model: str | None
+    vocab: OutputVocab | None  # the output tokenizer and row maps, when the recipe sets one
+    # The tokenizer to write (None: copy the tokenizer model's files) and its chat template.
+    tokenizer: Any
+    chat_template: str | None
     num_layers: int | None  # output layer count when slices change it
     seed: int
     warnings: list[str] = field(default_factory=list)

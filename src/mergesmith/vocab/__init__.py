@@ -1,0 +1,1 @@
+"""The output vocabulary: the tokenizer a merge writes, and each model's rows aligned to it."""
