@@ -217,18 +217,20 @@ slices:
     assert by_name["lm_head.weight"].inputs[0].model == str(tuned[0])
 
 
-def test_tokenizer_source_outside_the_recipe_is_an_error_not_a_missing_tokenizer(
+def test_tokenizer_source_outside_the_recipe_is_read_for_its_tokenizer_only(
     family, tmp_path: Path
 ) -> None:
-    """Found in a published recipe: a source naming a model that is not merged used to leave the
-    output without any tokenizer, silently."""
+    """As mergekit does, a tokenizer source need not be merged: only its tokenizer is read. One
+    that does not exist is an error naming it (it once left the output without a tokenizer)."""
     base, tuned = family
     stray = tmp_path / "elsewhere"
     with pytest.raises(MergeError) as info:
         prepare(ties(base, tuned[0]) + f"tokenizer_source: {stray}\n")
-    assert f"tokenizer source '{stray}' is not a model of this recipe" in all_messages(info.value)
-    plan, _ = prepare(ties(base, *tuned[:2]) + f"tokenizer_source: {tuned[1]}\n")
-    assert plan.tokenizer_model == str(tuned[1])
+    assert f"tokenizer source '{stray}': no such folder" in all_messages(info.value)
+    plan, _ = prepare(ties(base, tuned[0]) + f"tokenizer_source: {tuned[1]}\n")
+    assert plan.tokenizer_folder == tuned[1]
+    assert plan.vocab is not None and len(plan.vocab.tokens) == 128
+    assert all(job.inputs[0].model != str(tuned[1]) for job in plan.jobs)
 
 
 def test_unknown_chat_template_name_is_refused_naming_the_closest(family) -> None:

@@ -138,7 +138,7 @@ def merge(
         if index is not None:
             metadata.write_text(staging / "model.safetensors.index.json", index)
         metadata.write_config(plan, sources, staging)
-        metadata.write_tokenizer(plan, sources, staging)
+        metadata.write_tokenizer(plan, staging)
         metadata.write_card(plan, staging)
         finish.verify(staging, layout)
         missing = sorted({job.name for job in plan.jobs} - journal.recorded(staging))

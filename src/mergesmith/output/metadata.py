@@ -58,11 +58,10 @@ def write_config(plan: Plan, sources: dict[str, ModelSource], folder: Path) -> N
     write_text(folder / "config.json", json.dumps(config, indent=2) + "\n")
 
 
-def write_tokenizer(plan: Plan, sources: dict[str, ModelSource], folder: Path) -> list[str]:
+def write_tokenizer(plan: Plan, folder: Path) -> list[str]:
     """The output tokenizer: the one the plan built or loaded (for a tokenizer setting or a chat
     template), else the tokenizer source's files copied as they are; with its generation config.
     Returns the names of the files written."""
-    source = sources.get(plan.tokenizer_model) if plan.tokenizer_model else None
     before = {p.name for p in folder.iterdir()}
     names = list(TOKENIZER_FILES)
     if plan.tokenizer is not None:
@@ -71,9 +70,9 @@ def write_tokenizer(plan: Plan, sources: dict[str, ModelSource], folder: Path) -
         with quiet_transformers(), _naming(folder):
             plan.tokenizer.save_pretrained(str(folder))
         names = ["generation_config.json"]
-    if source is not None:
+    if plan.tokenizer_folder is not None:
         for name in names:
-            path = source.folder / name
+            path = plan.tokenizer_folder / name
             if path.is_file():
                 with _naming(folder / name):
                     shutil.copyfile(path, folder / name)

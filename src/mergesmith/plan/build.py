@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Mapping
+from pathlib import Path
 
-from mergesmith.config import DTYPE_NAMES, ModelInput, Recipe
+from mergesmith.config import DTYPE_NAMES, ModelInput, ModelRef, Recipe
 from mergesmith.dtypes import FLOATING, ITEMSIZE
 from mergesmith.errors import MergeError, MergeErrors
 from mergesmith.layers import is_embedding, is_input_side, layer_of
@@ -17,6 +18,7 @@ from mergesmith.plan.method_checks import check_parameter_names, find_method, sp
 from mergesmith.plan.params import ParamResolver
 from mergesmith.plan.problems import Findings
 from mergesmith.sources.base import ModelSource
+from mergesmith.sources.open import open_tokenizer_folder
 from mergesmith.vocab.align import RowPlan, check_sources, row_plan
 from mergesmith.vocab.build import OutputVocab, build_vocab
 from mergesmith.vocab.chat import read_chat_template, resolve_chat_template
@@ -254,13 +256,20 @@ def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0
     if method is None:
         raise MergeErrors(findings.problems)
     check_parameter_names(recipe, method, findings)
+    first = recipe.base_model or (
+        recipe.referenced_models()[0] if recipe.referenced_models() else None
+    )
+    source_model = recipe.tokenizer.source_model if recipe.tokenizer else None
+    tokenizer_model = source_model or (first.text if first else None)
     vocab = None
-    if recipe.tokenizer is not None:
-        # Tokenizer files only: a bad tokenizer stops here, before any weight is read.
-        try:
-            vocab = build_vocab(recipe, sources)
-        except MergeError as exc:
-            raise MergeErrors([*findings.problems, exc]) from None
+    try:
+        tokenizer_folder = _tokenizer_folder(tokenizer_model, sources)
+        if recipe.tokenizer is not None:
+            # Tokenizer files only: a bad tokenizer stops here, before any weight is read.
+            vocab = build_vocab(recipe, sources, tokenizer_folder)
+    except MergeError as exc:
+        raise MergeErrors([*findings.problems, exc]) from None
+    if vocab is not None:
         findings.problems.extend(check_sources(vocab))
         for warning in vocab.warnings:
             findings.warn(warning)
@@ -285,22 +294,18 @@ def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0
         raise MergeErrors(findings.problems)
     for warning in _dropped_tensor_warnings(recipe, sources, builder.jobs):
         findings.warn(warning)
-    first = recipe.base_model or (
-        recipe.referenced_models()[0] if recipe.referenced_models() else None
-    )
-    source_model = recipe.tokenizer.source_model if recipe.tokenizer else None
-    tokenizer_model = source_model or (first.text if first else None)
     template = chat_template_text(recipe, sources)
     tokenizer = vocab.tokenizer if vocab is not None else None
-    if tokenizer is None and recipe.chat_template and tokenizer_model is not None:
+    if tokenizer is None and recipe.chat_template and tokenizer_folder is not None:
         # Loaded now, so that a tokenizer that cannot take the template fails before merging.
-        tokenizer = load_tokenizer(tokenizer_model, sources[tokenizer_model].folder)
+        tokenizer = load_tokenizer(str(tokenizer_model), tokenizer_folder)
     return Plan(
         recipe=recipe,
         method=method,
         jobs=builder.jobs,
         config_model=first.text if first else None,
         tokenizer_model=tokenizer_model,
+        tokenizer_folder=tokenizer_folder,
         vocab=vocab,
         tokenizer=tokenizer,
         chat_template=template,
@@ -308,6 +313,17 @@ def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0
         seed=seed,
         warnings=findings.warnings,
     )
+
+
+def _tokenizer_folder(model: str | None, sources: Mapping[str, ModelSource]) -> Path | None:
+    """Where the output tokenizer's model keeps its files; a tokenizer source that is not merged
+    is opened for its tokenizer alone, as mergekit does."""
+    if model is None:
+        return None
+    if model in sources:
+        return sources[model].folder
+    ref = ModelRef.parse(model)
+    return open_tokenizer_folder(model, ref.path, ref.revision)
 
 
 def chat_template_text(recipe: Recipe, sources: Mapping[str, ModelSource]) -> str | None:

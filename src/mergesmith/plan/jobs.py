@@ -6,6 +6,7 @@ import hashlib
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from mergesmith.config import Recipe
@@ -59,6 +60,7 @@ class Plan:
     jobs: list[TensorJob]
     config_model: str | None
     tokenizer_model: str | None
+    tokenizer_folder: Path | None  # where the tokenizer model's files are
     vocab: OutputVocab | None  # the output tokenizer and row maps, when the recipe sets one
     # The tokenizer to write (None: copy the tokenizer model's files) and its chat template.
     tokenizer: Any

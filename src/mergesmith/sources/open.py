@@ -49,6 +49,33 @@ def open_model(ref: str, path: str, revision: str | None = None) -> ModelSource:
     )
 
 
+def open_tokenizer_folder(ref: str, path: str, revision: str | None = None) -> Path:
+    """A folder holding a model's tokenizer files, for a tokenizer source that is not merged:
+    its weights are never opened (on the hub, never downloaded)."""
+    folder = Path(path).expanduser()
+    if folder.is_dir():
+        return folder
+    if _looks_like_hub_id(path):
+        from huggingface_hub import hf_hub_download
+
+        found = None
+        for name in SIDE_FILES:
+            try:
+                found = Path(hf_hub_download(path, name, revision=revision)).parent
+            except Exception:  # absent, or unreachable: the check below says which matters
+                continue
+        if found is None or not (found / "tokenizer_config.json").is_file():
+            raise MergeError(
+                f"tokenizer source '{ref}': no tokenizer found on the hub or in the local cache",
+                "check the id and revision; offline, download the model first",
+            )
+        return found
+    raise MergeError(
+        f"tokenizer source '{ref}': no such folder, and not a hub id (org/name)",
+        "name a model folder or hub id, 'base' or 'union'",
+    )
+
+
 def _looks_like_hub_id(path: str) -> bool:
     parts = path.split("/")
     return (

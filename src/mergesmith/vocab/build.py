@@ -59,18 +59,16 @@ class OutputVocab:
         raise ValueError(f"'{model}' keeps no token at row {rows} or later")
 
 
-def build_vocab(recipe: Recipe, sources: Mapping[str, ModelSource]) -> OutputVocab:
-    """Build the output tokenizer and every model's row map from tokenizer files alone."""
+def build_vocab(
+    recipe: Recipe, sources: Mapping[str, ModelSource], target_folder: Path | None
+) -> OutputVocab:
+    """Build the output tokenizer and every model's row map from tokenizer files alone;
+    `target_folder` holds the tokenizer of a model named as the source (merged or not)."""
     spec = recipe.tokenizer
     assert spec is not None
     refs = [ref.text for ref in recipe.referenced_models()]
     base = recipe.base_model.text if recipe.base_model else refs[0]
     target = spec.source_model
-    if target is not None and target not in sources:
-        raise MergeError(
-            f"{spec.where}: tokenizer source '{target}' is not a model of this recipe",
-            "use 'base', 'union', or the name of one of the models merged",
-        )
     warnings: list[str] = []
     tokenizers: dict[str, Tokenizer] = {}
     model_rows: dict[str, int] = {}
@@ -83,7 +81,8 @@ def build_vocab(recipe: Recipe, sources: Mapping[str, ModelSource]) -> OutputVoc
     with tempfile.TemporaryDirectory(prefix="mergesmith-tokenizer-") as scratch:
         if target is not None:
             # The model's own tokenizer, as it ships (mergekit does not cut this one).
-            out = load_tokenizer(target, sources[target].folder)
+            assert target_folder is not None
+            out = load_tokenizer(target, target_folder)
             described = f"the tokenizer of '{target}'"
         elif spec.source == "base":
             out = copy_tokenizer(tokenizers[base], Path(scratch))
