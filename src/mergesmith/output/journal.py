@@ -23,12 +23,19 @@ JOURNAL_FILE = ".mergesmith-progress"
 
 
 def fingerprint(plan: Plan, layout: OutputLayout, sources: dict[str, ModelSource]) -> str:
-    """Identifies the work: recipe, seed, output layout and the exact input files."""
+    """Identifies the work: recipe, seed, output layout, the output vocabulary and the exact
+    input files."""
     digest = hashlib.sha256()
     digest.update(plan.recipe.text.encode())
     digest.update(str(plan.seed).encode())
     for shard in layout.shards:
         digest.update(shard.file_name.encode() + shard.header)
+    if plan.vocab is not None:
+        # Tokenizer files decide which rows each model's embeddings take.
+        for token, token_id in sorted(plan.vocab.tokens.items(), key=lambda item: item[1]):
+            digest.update(f"{token_id}\0{token}\0".encode())
+        for ref in sorted(plan.vocab.row_of):
+            digest.update(ref.encode() + repr(plan.vocab.row_of[ref]).encode())
     for ref in sorted(sources):
         files = sorted({meta.file for meta in sources[ref].tensors.values()})
         for file in files:

@@ -2,9 +2,12 @@
 
 As mergekit 0.1.5 builds it: the base's tokenizer (cut to the base's embedding rows), a
 recipe model's tokenizer, or the union (the base's, then every token another model has that it
-lacks, appended in model order: ordinary tokens first, then added tokens with the settings of
-the first model that has them). Tokens named under `tokenizer.tokens` are appended if missing.
-Tokens are matched by their string, never by id.
+lacks, appended in model order and then id order: ordinary tokens first, then added tokens with
+the settings of the first model that has them). Tokens named under `tokenizer.tokens` are
+appended if missing. Tokens are matched by their string, never by id.
+
+One difference: mergekit appends a union's new tokens in the order of a hash map that changes
+from one process to the next; we append them by id, so the ids are the same on every run.
 """
 
 from __future__ import annotations
@@ -128,10 +131,12 @@ def _union(
     warned: set[str] = set()
     for ref, tokenizer in tokenizers.items():
         rows = model_rows[ref]
-        for token, i in tokenizer.get_vocab().items():
+        # By id: get_vocab() comes from a Rust hash map whose order changes from one process to
+        # the next (mergekit iterates it as is, so its union's new ids change between runs).
+        for token, i in sorted(tokenizer.get_vocab().items(), key=lambda item: item[1]):
             if i < rows:
                 ordinary.setdefault(token, None)
-        for i, info in tokenizer.added_tokens_decoder.items():
+        for i, info in sorted(tokenizer.added_tokens_decoder.items(), key=lambda item: item[0]):
             if i >= rows:
                 continue
             first = added.setdefault(info.content, info)
