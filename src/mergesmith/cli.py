@@ -83,8 +83,26 @@ def _guarded(debug: bool, work: Callable[[], Any]) -> Any:
         _fail(exc, debug)
 
 
+def _show_version(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+    """The version, and whether merges run the C kernels (and if not, why and how to fix it)."""
+    if not value or ctx.resilient_parsing:
+        return
+    from mergesmith import __version__
+    from mergesmith.native.status import kernel_status
+
+    click.echo(f"mergesmith {__version__}; {kernel_status()}")
+    ctx.exit()
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(package_name="mergesmith")
+@click.option(
+    "--version",
+    is_flag=True,
+    expose_value=False,
+    is_eager=True,
+    callback=_show_version,
+    help="Show the version and whether the C kernels are in use.",
+)
 def cli() -> None:
     """Merge fine-tuned checkpoints from mergekit YAML recipes."""
 

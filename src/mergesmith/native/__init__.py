@@ -9,8 +9,6 @@ comparisons and for bisecting a suspected kernel bug.
 from __future__ import annotations
 
 import ctypes
-import importlib.util
-import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -18,7 +16,7 @@ from functools import cache
 
 import torch
 
-ABI = 4  # must match MS_ABI in kernels.c
+from mergesmith.native.status import kernel_status
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -74,18 +72,10 @@ def _library() -> ctypes.CDLL | None:
 
 @cache
 def _load() -> ctypes.CDLL | None:
-    if os.environ.get("MERGESMITH_KERNELS", "").lower() == "torch":
+    status = kernel_status()
+    if not status.in_use:
         return None
-    spec = importlib.util.find_spec("mergesmith.native._kernels")
-    if spec is None or spec.origin is None:
-        return None
-    try:
-        lib = ctypes.CDLL(spec.origin)
-    except OSError:
-        return None
-    lib.ms_abi.restype = ctypes.c_int
-    if lib.ms_abi() != ABI:
-        return None  # built from an older kernels.c: `pip install -e .` rebuilds it
+    lib = ctypes.CDLL(status.path)
     lib.ms_has_f16.restype = ctypes.c_int
     p, i32, i64, f32 = ctypes.c_void_p, ctypes.c_int32, ctypes.c_int64, ctypes.c_float
     lib.ms_family_block.argtypes = [
