@@ -20,7 +20,7 @@ venv: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m mergesmith.demo
 	@echo
-	@echo "6. Is the merge any good? One seed of the quality benchmark (make quality runs five):"
+	@echo "7. Is the merge any good? One seed of the quality benchmark (make quality runs five):"
 	$(PY) examples/quality/run_quality.py --seeds 0 --out demo-output/quality --work demo-output/quality-work
 
 test: $(STAMP)

@@ -61,12 +61,17 @@ def test_methods_lists_every_method_with_per_model_parameters_and_defaults() -> 
     assert "required" in listed["slerp"]["t"]
 
 
-def test_user_error_is_one_line_plus_hint_exit_2_without_traceback(tmp_path: Path) -> None:
-    recipe = write_recipe(tmp_path, "merge_method: ties\nmodels:\n  - model: a\nparamters: {}\n")
+def test_user_error_is_one_line_plus_hint_exit_2_without_traceback(family, tmp_path: Path) -> None:
+    base, tuned = family
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: linear\nmodels:\n  - model: {base}\n  - model: {tuned[0]}\n"
+        "paramters: {}\nparameters: {weight: 1.0}\n",
+    )
     result = run_cli("run", recipe, tmp_path / "out")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines[0].startswith("error: ") and "recipe.yml:4" in lines[0] and "paramters" in lines[0]
+    assert lines[0].startswith("error: ") and "recipe.yml:5" in lines[0] and "paramters" in lines[0]
     assert lines[1].strip().startswith("hint: ")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "out").exists()
@@ -123,3 +128,39 @@ def test_output_inside_an_input_model_is_refused(family, tmp_path: Path) -> None
     result = run_cli("run", recipe, base / "merged")
     assert result.returncode == 2 and "overlaps input model" in result.stderr
     assert not (base / "merged").exists()
+
+
+def test_validate_lists_recipe_model_and_plan_problems_together(family, tmp_path: Path) -> None:
+    """A misspelt key used to stop the check before the models and the plan were looked at:
+    fixing it showed the next problem, one round trip per mistake."""
+    base, tuned = family
+    missing = tmp_path / "no-such-model"
+    recipe = write_recipe(
+        tmp_path,
+        f"""merge_method: ties
+base_model: {base}
+models:
+  - model: {tuned[0]}
+    parameters: {{weight: 0.5, density: 1.5}}
+  - model: {missing}
+    parameters: {{weight: 0.5}}
+parameters: {{normalize: true}}
+dtpye: bfloat16
+""",
+    )
+    result = run_cli("validate", recipe)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0] == "error: 2 problems found:", errors
+    assert any("recipe.yml:9" in e and "dtpye" in e for e in errors), errors
+    assert any("recipe.yml:6" in e and str(missing) in e for e in errors), errors
+    # With the missing model left out of the plan there is nothing else to say, so a third
+    # problem (density) needs the models: fix the path and it shows, with its line.
+    fixed = write_recipe(
+        tmp_path, recipe.read_text().replace(str(missing), str(tuned[1])), name="fixed.yml"
+    )
+    result = run_cli("validate", fixed)
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+    assert errors[0] == "error: 2 problems found:", errors
+    assert any("fixed.yml:9" in e and "dtpye" in e for e in errors), errors
+    assert any("fixed.yml:4" in e and "density" in e for e in errors), errors

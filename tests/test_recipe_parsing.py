@@ -60,7 +60,7 @@ def test_models_and_slices_together_are_refused() -> None:
         "merge_method: passthrough\nmodels: [{model: a}]\n"
         "slices:\n  - sources: [{model: a, layer_range: [0, 1]}]\n"
     )
-    with pytest.raises(MergeError, match="exactly one of 'models:' or 'slices:'"):
+    with pytest.raises(MergeError, match="exactly one of 'models:', 'slices:' or 'modules:'"):
         parse_recipe(text)
 
 

@@ -9,13 +9,16 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from mergesmith.config import Recipe, load_recipe
+from mergesmith.config import Recipe, RecipeProblems, load_recipe
 from mergesmith.errors import MergeError, MergeErrors
 from mergesmith.plan import Plan, build_plan
 from mergesmith.sources import ModelSource, open_model
 from mergesmith.units import parse_size
+
+if TYPE_CHECKING:
+    from mergesmith.progress import Progress
 
 log = logging.getLogger("mergesmith")
 
@@ -39,7 +42,7 @@ def open_sources(recipe: Recipe) -> dict[str, ModelSource]:
         try:
             sources[ref.text] = open_model(ref.text, ref.path, ref.revision)
         except MergeError as exc:
-            problems.append(exc)
+            problems.append(MergeError(f"{recipe.model_where(ref.text)}: {exc.message}", exc.hint))
     if problems:
         raise MergeErrors(problems)
     return sources
@@ -49,9 +52,32 @@ def prepare(
     recipe: str | Path | dict[str, Any], seed: int = 0
 ) -> tuple[Plan, dict[str, ModelSource]]:
     """Load, open and plan: everything that needs no tensor data. `validate` stops here."""
-    loaded = load_recipe(recipe)
+    try:
+        loaded = load_recipe(recipe)
+    except RecipeProblems as exc:
+        raise _with_plan_problems(exc, seed) from None
     sources = open_sources(loaded)
     return build_plan(loaded, sources, seed), sources
+
+
+def _with_plan_problems(found: RecipeProblems, seed: int) -> MergeErrors:
+    """The recipe's own problems, and those the models and the plan show once the keys at
+    fault are left out: every problem in one run, not one round trip per mistake."""
+    problems = list(found.errors)
+    if found.partial is None:
+        return MergeErrors(problems)
+    sources: dict[str, ModelSource] = {}
+    try:
+        sources = open_sources(found.partial)
+        build_plan(found.partial, sources, seed)
+    except MergeError as more:
+        known = {p.message for p in problems}
+        extra = more.errors if isinstance(more, MergeErrors) else [more]
+        problems += [p for p in extra if p.message not in known]
+    finally:
+        for source in sources.values():
+            source.close()
+    return MergeErrors(problems)
 
 
 def merge(
@@ -66,7 +92,7 @@ def merge(
     overwrite: bool = False,
     allow_nonfinite: bool = False,
     resume: bool = False,
-    progress: Callable[[int, int], None] | None = None,
+    progress: Callable[[Progress], None] | Callable[[int, int], None] | None = None,
 ) -> MergeResult:
     """Merge the models a mergekit-style recipe names into a Hugging Face folder at `out_dir`.
 
@@ -75,11 +101,19 @@ def merge(
     journaled as written and every shard's header and size match the plan. After an
     interruption that folder keeps its shards and journal, and `resume=True` reuses the tensors
     whose checksums still match; the result is byte-identical to an uninterrupted run.
+
+    Only one merge at a time may write `out`: while one runs (in any process on this machine,
+    or on any host sharing the folder, where the file system supports locks), another raises
+    MergeError naming its pid. `progress`, if given, is called with a `Progress` (tensors done
+    and total, bytes read and written, seconds) once before the first tensor and after each
+    one, never from two threads at once; a callable taking `(done, total)` still works.
     """
     from mergesmith.engine import EngineOptions, run_jobs
     from mergesmith.output import finish, journal, metadata
     from mergesmith.output.layout import plan_layout
+    from mergesmith.output.lock import lock_output
     from mergesmith.output.writer import NO_SPACE, TensorWriter
+    from mergesmith.progress import ProgressCounter
 
     started = time.perf_counter()
     out = Path(out_dir).expanduser().absolute()
@@ -93,73 +127,76 @@ def merge(
     layout = plan_layout(plan.jobs, shard_bytes)
     staging = finish.staging_folder(out)
     stamp = journal.fingerprint(plan, layout, sources)
-    reused: set[str] = set()
-    resuming = resume and staging.is_dir()
-    if resuming:
-        reused = journal.reusable_tensors(staging, stamp, layout)
-        log.warning(
-            "resuming: %d of %d tensors already done and intact", len(reused), len(plan.jobs)
-        )
-    elif staging.exists():
-        log.warning("discarding the partial merge in %s (use --resume to continue it)", staging)
-        shutil.rmtree(staging)
-    staging.mkdir(parents=True, exist_ok=True)
-    progress_log = journal.Journal(staging, stamp)
+    # One writer per output: a second merge into `out` must neither discard nor resume the
+    # staging folder of one still running, so the lock comes before the folder is touched.
+    writer_lock = lock_output(out)
     try:
+        # The merge that held the lock until now may have just published `out`.
+        finish.check_output_target(out, overwrite)
+        reused: set[str] = set()
+        resuming = resume and staging.is_dir()
         if resuming:
-            progress_log.reopen()
-        else:
-            progress_log.start()
-        writer = TensorWriter(staging, layout, keep_existing=resuming)
+            reused = journal.reusable_tensors(staging, stamp, layout)
+            log.warning(
+                "resuming: %d of %d tensors already done and intact", len(reused), len(plan.jobs)
+            )
+        elif staging.exists():
+            log.warning("discarding the partial merge in %s (use --resume to continue it)", staging)
+            shutil.rmtree(staging)
+        staging.mkdir(parents=True, exist_ok=True)
+        progress_log = journal.Journal(staging, stamp)
         try:
-            todo = [job for job in plan.jobs if job.name not in reused]
-            done = len(plan.jobs) - len(todo)
+            if resuming:
+                progress_log.reopen()
+            else:
+                progress_log.start()
+            writer = TensorWriter(staging, layout, keep_existing=resuming)
+            try:
+                todo = [job for job in plan.jobs if job.name not in reused]
+                counter = ProgressCounter(len(plan.jobs), todo, sources, progress)
 
-            def write(job, tensor) -> None:
-                progress_log.record(job.name, writer.write(job.name, tensor))
+                def write(job, tensor) -> None:
+                    progress_log.record(job.name, writer.write(job.name, tensor))
 
-            def on_done(job) -> None:
-                nonlocal done
-                done += 1
-                if progress is not None:
-                    progress(done, len(plan.jobs))
-
-            options = EngineOptions(
-                threads=threads or os.cpu_count() or 1,
-                max_memory=memory_bytes,
-                device=device,
-                allow_nonfinite=allow_nonfinite,
-            )
-            run_jobs(plan, sources, write, options, jobs=todo, on_done=on_done)
-        finally:
-            writer.close()
-            progress_log.close()
-        index = layout.index_json()
-        if index is not None:
-            metadata.write_text(staging / "model.safetensors.index.json", index)
-        metadata.write_config(plan, sources, staging)
-        metadata.write_tokenizer(plan, staging)
-        metadata.write_card(plan, staging)
-        finish.verify(staging, layout)
-        missing = sorted({job.name for job in plan.jobs} - journal.recorded(staging))
-        if missing:
+                options = EngineOptions(
+                    threads=threads or os.cpu_count() or 1,
+                    max_memory=memory_bytes,
+                    device=device,
+                    allow_nonfinite=allow_nonfinite,
+                )
+                counter.start()
+                run_jobs(plan, sources, write, options, jobs=todo, on_done=counter.job_done)
+            finally:
+                writer.close()
+                progress_log.close()
+            index = layout.index_json()
+            if index is not None:
+                metadata.write_text(staging / "model.safetensors.index.json", index)
+            metadata.write_config(plan, sources, staging)
+            metadata.write_tokenizer(plan, staging)
+            metadata.write_card(plan, staging)
+            finish.verify(staging, layout)
+            missing = sorted({job.name for job in plan.jobs} - journal.recorded(staging))
+            if missing:
+                raise MergeError(
+                    f"{staging}: {len(missing)} tensor(s) were never written, e.g. '{missing[0]}'",
+                    "run again with --resume",
+                )
+            progress_log.remove()
+            finish.publish(staging, out, overwrite)
+        except BaseException as exc:
+            finish.strip_to_resumable(staging, layout, journal.JOURNAL_FILE)
+            if not isinstance(exc, OSError) or exc.errno not in NO_SPACE:
+                raise
             raise MergeError(
-                f"{staging}: {len(missing)} tensor(s) were never written, e.g. '{missing[0]}'",
-                "run again with --resume",
-            )
-        progress_log.remove()
-        finish.publish(staging, out, overwrite)
-    except BaseException as exc:
-        finish.strip_to_resumable(staging, layout, journal.JOURNAL_FILE)
-        if not isinstance(exc, OSError) or exc.errno not in NO_SPACE:
-            raise
-        raise MergeError(
-            f"{exc.filename or staging}: {os.strerror(exc.errno)} while writing the output",
-            "free disk space, then run again with --resume",
-        ) from None
+                f"{exc.filename or staging}: {os.strerror(exc.errno)} while writing the output",
+                "free disk space, then run again with --resume",
+            ) from None
+        finally:
+            for source in sources.values():
+                source.close()
     finally:
-        for source in sources.values():
-            source.close()
+        writer_lock.release()
 
     return MergeResult(
         out_dir=out,

@@ -164,20 +164,27 @@ def run(
     _tune_process_for_one_merge()
 
     def work() -> None:
-        from mergesmith.api import merge
+        from contextlib import nullcontext
 
-        result = merge(
-            recipe,
-            out_dir,
-            seed=seed,
-            threads=threads,
-            max_memory=max_memory,
-            shard_size=shard_size,
-            device=device,
-            overwrite=overwrite,
-            allow_nonfinite=allow_nonfinite,
-            resume=resume,
-        )
+        from mergesmith.api import merge
+        from mergesmith.progress import ProgressReporter
+
+        # Closed on every way out of the merge, so the live line never runs into the summary,
+        # an error or the interruption notice.
+        with nullcontext() if quiet else ProgressReporter(sys.stderr) as progress:
+            result = merge(
+                recipe,
+                out_dir,
+                seed=seed,
+                threads=threads,
+                max_memory=max_memory,
+                shard_size=shard_size,
+                device=device,
+                overwrite=overwrite,
+                allow_nonfinite=allow_nonfinite,
+                resume=resume,
+                progress=progress,
+            )
         if not quiet:
             click.echo(
                 f"merged {result.tensors} tensors ({result.bytes_written / 1e6:.1f} MB) into "
@@ -203,6 +210,17 @@ def validate(recipe: str, seed: int, show_plan: bool, out_dir: str | None, debug
         plan, sources = prepare(recipe, seed)
         if out_dir is not None:
             check_output(out_dir, sources, overwrite=False)
+            from pathlib import Path
+
+            from mergesmith.output.lock import running_merge
+
+            holder = running_merge(Path(out_dir).expanduser().absolute())
+            if holder is not None:
+                click.echo(
+                    f"warning: a merge into '{out_dir}' is running ({holder}); "
+                    "`run` into it is refused until that merge ends",
+                    err=True,
+                )
         for warning in plan.warnings:
             click.echo(f"warning: {warning}", err=True)
         if show_plan:
@@ -220,6 +238,41 @@ def validate(recipe: str, seed: int, show_plan: bool, out_dir: str | None, debug
             f"ok: {plan.method.name}, {len(plan.jobs)} tensors, "
             f"{plan.total_bytes / 1e6:.1f} MB to write"
         )
+
+    _guarded(debug, work)
+
+
+@cli.command()
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option(
+    "--out",
+    "out_dir",
+    default="analysis",
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Folder for report.md, analysis.json and the plots.",
+)
+@seed_option
+@click.option("--overwrite", is_flag=True, help="Replace the --out folder if it is not empty.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
+@debug_option
+def analyze(
+    recipe: str, out_dir: str, seed: int, overwrite: bool, quiet: bool, debug: bool
+) -> None:
+    """Report task-vector norms, cosines, sign conflicts and trimming of RECIPE's merge, per
+    layer and tensor kind, without writing a model."""
+    _setup_logging(quiet)
+    _tune_process_for_one_merge()
+
+    def work() -> None:
+        from mergesmith.analyze import analyze as analyze_recipe
+
+        result = analyze_recipe(recipe, out_dir, seed=seed, overwrite=overwrite)
+        if not quiet:
+            click.echo(
+                f"analysed {result.tensors} tensors of {len(result.models)} models in "
+                f"{result.seconds:.1f} s (seed {seed}); report: {result.report}"
+            )
 
     _guarded(debug, work)
 

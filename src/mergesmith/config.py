@@ -6,6 +6,7 @@ misspelled `paramters:` would otherwise produce a different model with no warnin
 
 from __future__ import annotations
 
+import copy
 import difflib
 import math
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from mergesmith.errors import MergeError, MergeErrors
 from mergesmith.vocab.chat import chat_template_problem
 from mergesmith.vocab.spec import TokenizerSpec, tokenizer_spec
-from mergesmith.yamlpos import line_of, load_with_positions
+from mergesmith.yamlpos import line_of, load_documents_with_positions, load_with_positions
 
 # A parameter setting as written: a scalar, a gradient (list of numbers), or filter entries.
 Setting = Any
@@ -63,6 +64,12 @@ class _SliceYaml(_Strict):
     parameters: dict[str, Any] | None = None
 
 
+class _ModuleYaml(_Strict):
+    slices: list[_SliceYaml] | None = None
+    models: list[_ModelYaml] | None = None
+    parameters: dict[str, Any] | None = None
+
+
 class _TokenYaml(_Strict):
     # A model name, {kind: model_token, ...} or {kind: zero}: vocab.spec checks the forms.
     source: str | dict[str, Any] | None = None
@@ -76,10 +83,12 @@ class _TokenizerYaml(_Strict):
 
 
 class _RecipeYaml(_Strict):
+    name: str | None = None  # a stage of a pipeline: later stages use it as a model
     merge_method: str
     base_model: str | None = None
     models: list[_ModelYaml] | None = None
     slices: list[_SliceYaml] | None = None
+    modules: dict[str, _ModuleYaml] | None = None
     parameters: dict[str, Any] | None = None
     dtype: str | None = None
     out_dtype: str | None = None
@@ -101,6 +110,7 @@ _FIELDS_AT: dict[str, type[BaseModel]] = {
     "slices": _SliceYaml,
     "sources": _SourceYaml,
     "tokenizer": _TokenizerYaml,
+    "modules": _ModuleYaml,
     "tokens": _TokenYaml,
 }
 
@@ -163,6 +173,11 @@ class Recipe:
     text: str
     source_name: str
     lines: dict[tuple[str | int, ...], int] = field(repr=False, default_factory=dict)
+    name: str | None = None  # a pipeline stage's name, which later stages use as a model
+    # `modules: {NAME: {..., parameters}}`: the module's parameters, between the slices' and the
+    # top level's.
+    module_parameters: dict[str, Setting] = field(default_factory=dict)
+    module_name: str | None = None
 
     def line(self, *path: str | int) -> int | None:
         return line_of(self.lines, tuple(path))
@@ -170,6 +185,15 @@ class Recipe:
     def where(self, *path: str | int) -> str:
         line = self.line(*path)
         return f"{self.source_name}:{line}" if line else self.source_name
+
+    def model_where(self, text: str) -> str:
+        """Where the recipe first names the model `text` (file:line)."""
+        if self.base_model and self.base_model.text == text:
+            return self.where("base_model")
+        entries = list(self.models or ())
+        for spec in self.slices or ():
+            entries += spec.sources
+        return next((e.where for e in entries if e.ref.text == text and e.where), self.source_name)
 
     def referenced_models(self) -> list[ModelRef]:
         """Every model once, in first-mention order (base first)."""
@@ -188,6 +212,32 @@ class Recipe:
 
 def load_recipe(recipe: str | Path | dict[str, Any]) -> Recipe:
     """Read a recipe from a YAML file path, a YAML string, or an already-parsed dict."""
+    text, name = _recipe_text(recipe)
+    return parse_recipe(text, name)
+
+
+def load_stages(recipe: str | Path | dict[str, Any]) -> list[Recipe]:
+    """Every document of a recipe file: one recipe, or the named stages of a pipeline."""
+    text, name = _recipe_text(recipe)
+    documents = load_documents_with_positions(text, name)
+    if len(documents) == 1:
+        return [parse_recipe(text, name)]
+    stages: list[Recipe] = []
+    problems: list[MergeError] = []
+    for doc in documents:
+        try:
+            stages.append(_parse_document(doc.data, doc.lines, doc.text, name))
+        except MergeErrors as exc:
+            problems += exc.errors
+        except MergeError as exc:
+            problems.append(exc)
+    if problems:
+        raise MergeErrors(problems)
+    return stages
+
+
+def _recipe_text(recipe: str | Path | dict[str, Any]) -> tuple[str, str]:
+    """The recipe's YAML text and the name its messages use (the file, or '<recipe>')."""
     import yaml
 
     if isinstance(recipe, dict):
@@ -218,11 +268,17 @@ def load_recipe(recipe: str | Path | dict[str, Any]) -> Recipe:
     else:
         text = str(recipe)
         name = "<recipe>"
-    return parse_recipe(text, name)
+    return text, name
 
 
 def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
     data, lines = load_with_positions(text, source_name)
+    return _parse_document(data, lines, text, source_name)
+
+
+def _parse_document(
+    data: Any, lines: dict[tuple[str | int, ...], int], text: str, source_name: str
+) -> Recipe:
     if not isinstance(data, dict):
         raise MergeError(
             f"{source_name}: the recipe must be a mapping of keys, got {type(data).__name__}",
@@ -233,16 +289,25 @@ def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
         line = line_of(lines, path)
         return f"{source_name}:{line}" if line else source_name
 
+    problems: list[MergeError] = []
     try:
         raw = _RecipeYaml.model_validate(data)
     except ValidationError as exc:
-        raise MergeErrors([_describe(err, where, data) for err in exc.errors()]) from None
+        problems = [_describe(err, where, data) for err in exc.errors()]
+        salvaged = _without_faulty_keys(data, exc)
+        if salvaged is None:
+            raise MergeErrors(problems) from None
+        raw = salvaged
 
-    problems: list[MergeError] = []
-    if (raw.models is None) == (raw.slices is None):
+    module = None
+    if raw.modules is not None:
+        raw, module, module_problems = _hoist_module(raw, lines, where)
+        problems += module_problems
+    elif (raw.models is None) == (raw.slices is None):
         problems.append(
             MergeError(
-                f"{source_name}: the recipe needs exactly one of 'models:' or 'slices:'",
+                f"{source_name}: the recipe needs exactly one of 'models:', 'slices:' or "
+                "'modules:'",
                 "list the models to merge under 'models:'",
             )
         )
@@ -258,9 +323,11 @@ def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
         where,
     )
     problems.extend(tokenizer_problems)
+    chat_template = raw.chat_template
     if raw.chat_template is not None:
         problem = chat_template_problem(raw.chat_template)
         if problem:
+            chat_template = None
             problems.append(
                 MergeError(
                     f"{where(('chat_template',))}: {problem}",
@@ -316,23 +383,71 @@ def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
             )
         slices = tuple(specs)
 
-    problems.extend(_check_settings(raw, where))
-    if problems:
-        raise MergeErrors(problems)
-    return Recipe(
+    problems.extend(_check_settings(raw, where, module))
+    recipe = Recipe(
+        name=raw.name,
         merge_method=raw.merge_method,
         base_model=base,
         models=models,
         slices=slices,
         parameters=dict(raw.parameters or {}),
+        module_parameters=dict(module.parameters or {}) if module else {},
+        module_name=next(iter(raw.modules)) if raw.modules else None,
         dtype=raw.dtype,
         out_dtype=raw.out_dtype,
-        tokenizer=tokenizer,
-        chat_template=raw.chat_template,
+        tokenizer=None if tokenizer_problems else tokenizer,
+        chat_template=chat_template,
         text=text,
         source_name=source_name,
         lines=lines,
     )
+    if problems:
+        plannable = (models is None) != (slices is None) and bool(models or slices)
+        raise RecipeProblems(problems, recipe if plannable else None)
+    return recipe
+
+
+class RecipeProblems(MergeErrors):
+    """Problems in the recipe itself. `partial` is the recipe without the keys and settings at
+    fault (None if too little is left), so that the models and the plan can still be checked
+    and every problem reported in one run."""
+
+    def __init__(self, errors: list[MergeError], partial: Recipe | None) -> None:
+        super().__init__(errors)
+        self.partial = partial
+
+
+def _without_faulty_keys(data: Any, error: ValidationError) -> _RecipeYaml | None:
+    """The recipe validated again with each mapping key at fault removed (an unknown key, or an
+    optional value of the wrong type), or None when a fault is not such a key."""
+    data = copy.deepcopy(data)
+    for _ in range(4):
+        for err in error.errors():
+            if err["type"] == "missing" or not _drop_key(data, list(err["loc"])):
+                return None
+        try:
+            return _RecipeYaml.model_validate(data)
+        except ValidationError as again:
+            error = again
+    return None
+
+
+def _drop_key(data: Any, loc: list[Any]) -> bool:
+    """Remove the deepest existing mapping key along `loc` (pydantic adds type names to the
+    locations of union members, which the data does not have)."""
+    parent, key = None, None
+    node = data
+    for part in loc:
+        inside = (isinstance(node, dict) and part in node) or (
+            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
+        )
+        if not inside:
+            break
+        parent, key, node = node, part, node[part]
+    if not isinstance(parent, dict) or (parent is data and key == "merge_method"):
+        return False  # a list item or the method itself: nothing sensible is left to check
+    del parent[key]
+    return True
 
 
 def _describe(err: Any, where: Any, data: Any) -> MergeError:
@@ -388,12 +503,69 @@ def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
     return data
 
 
-def _check_settings(raw: _RecipeYaml, where: Any) -> list[MergeError]:
+def _hoist_module(
+    raw: _RecipeYaml, lines: dict[tuple[str | int, ...], int], where: Any
+) -> tuple[_RecipeYaml, _ModuleYaml | None, list[MergeError]]:
+    """mergekit's `modules: {NAME: {slices | models, parameters}}` form. One module (a
+    single-tower model's `default`) is the recipe's models or slices, its parameters one level
+    between the slices' and the top level's; its lines are mapped to those paths."""
+    modules = raw.modules or {}
+    if raw.models is not None or raw.slices is not None:
+        return (
+            raw,
+            None,
+            [
+                MergeError(
+                    f"{where(('modules',))}: the recipe has 'modules:' and also 'models:' or "
+                    "'slices:'",
+                    "keep one of them",
+                )
+            ],
+        )
+    if len(modules) != 1:
+        names = ", ".join(modules) or "none"
+        return (
+            raw,
+            None,
+            [
+                MergeError(
+                    f"{where(('modules',))}: {len(modules)} modules ({names}); merging several "
+                    "modules (text and vision towers) needs each architecture's tensor prefixes, "
+                    "which mergesmith does not know yet",
+                    "merge one module at a time, as 'models:' or 'slices:'",
+                )
+            ],
+        )
+    name, module = next(iter(modules.items()))
+    if (module.models is None) == (module.slices is None):
+        return (
+            raw,
+            None,
+            [
+                MergeError(
+                    f"{where(('modules', name))}: module '{name}' needs exactly one of 'models:' "
+                    "or 'slices:'",
+                    "list its models under 'models:', or its slices under 'slices:'",
+                )
+            ],
+        )
+    for path, line in list(lines.items()):
+        if path[:2] == ("modules", name) and len(path) > 2 and path[2] in ("models", "slices"):
+            lines[path[2:]] = line
+    hoisted = raw.model_copy(update={"models": module.models, "slices": module.slices})
+    return hoisted, module, []
+
+
+def _check_settings(
+    raw: _RecipeYaml, where: Any, module: _ModuleYaml | None = None
+) -> list[MergeError]:
     """Shape checks on parameter values; method-specific checks come with the plan."""
     problems: list[MergeError] = []
     blocks: list[tuple[tuple[str | int, ...], dict[str, Any] | None]] = [
         (("parameters",), raw.parameters)
     ]
+    if module is not None and raw.modules:
+        blocks.append((("modules", next(iter(raw.modules)), "parameters"), module.parameters))
     for i, m in enumerate(raw.models or []):
         blocks.append((("models", i, "parameters"), m.parameters))
     for si, s in enumerate(raw.slices or []):
@@ -401,9 +573,10 @@ def _check_settings(raw: _RecipeYaml, where: Any) -> list[MergeError]:
         for j, src in enumerate(s.sources):
             blocks.append((("slices", si, "sources", j, "parameters"), src.parameters))
     for path, block in blocks:
-        for name, value in (block or {}).items():
+        for name, value in list((block or {}).items()):
             problem = setting_problem(value)
             if problem:
+                del block[name]  # the rest of the recipe is still checked without it
                 problems.append(
                     MergeError(
                         f"{where((*path, name))}: parameter '{name}': {problem}",

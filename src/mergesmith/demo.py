@@ -96,7 +96,36 @@ def main(argv: list[str] | None = None) -> int:
         f"5. transformers loaded it as {type(model).__name__} ({model.dtype}); "
         f"logits {list(logits.shape)}, all finite: {finite}"
     )
+    _show_analysis(recipe_path, root / "analysis")
     return 0 if finite else 1
+
+
+def _show_analysis(recipe_path: Path, out: Path) -> None:
+    """Step 6: what the merge did to each model's task vector (`mergesmith analyze`)."""
+    import json
+
+    from mergesmith.analyze import analyze
+
+    result = analyze(recipe_path, out, seed=0)
+    data = json.loads((out / "analysis.json").read_text(encoding="utf-8"))
+    overall = data["overall"]
+    labels = [m["label"] for m in data["models"]]
+    removed = ", ".join(
+        f"{label} {100 * share:.0f} %"
+        for label, share in zip(labels, overall["removed_l1_share"], strict=True)
+    )
+    elected = ", ".join(
+        f"{label} {100 * share:.0f} %"
+        for label, share in zip(labels, overall["elected_share"], strict=True)
+    )
+    print(
+        f"6. analysed the same plan without writing a model ({result.seconds:.1f} s): "
+        f"sign conflicts {100 * overall['sign_conflict_before']:.0f} % of entries before "
+        f"trimming, {100 * overall['sign_conflict_after']:.0f} % after"
+    )
+    print(f"   L1 mass trimmed away: {removed}; share of the elected-sign mass: {elected}")
+    print(f"   report and plots: {result.report}")
+    print(f"   (the command: mergesmith analyze {recipe_path} --out {out})")
 
 
 if __name__ == "__main__":

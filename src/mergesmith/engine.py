@@ -103,7 +103,9 @@ def run_jobs(
     jobs: list[TensorJob] | None = None,
     on_done: Callable[[TensorJob], None] | None = None,
 ) -> None:
-    """Run `jobs` (default: all of the plan's); `write` is called from worker threads."""
+    """Run `jobs` (default: all of the plan's); `write` is called from worker threads, and
+    `on_done` after each job that succeeded, one job at a time (so a caller counting progress
+    needs no lock of its own)."""
     todo = plan.jobs if jobs is None else jobs
     _return_freed_buffers_to_the_os()
     device = torch.device(options.device)
@@ -113,13 +115,15 @@ def run_jobs(
     torch.set_num_threads(1)
     budget = _Budget(options.max_memory or default_memory_budget(todo))
     failed = threading.Event()
+    reporting = threading.Lock()
 
     def finished(future: Future, job: TensorJob) -> None:
         budget.release(job.work_bytes)
         if future.cancelled() or future.exception() is not None:
             failed.set()
         elif on_done is not None:
-            on_done(job)
+            with reporting:
+                on_done(job)
 
     # Jobs allocate many short-lived objects; cyclic GC passes over the whole heap would cost
     # several percent of a merge and free nothing (tensors are freed by reference counting).

@@ -7,6 +7,7 @@ this module turns such a path back into a line number of the user's file.
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -22,8 +23,26 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 
 def load_with_positions(text: str, source: str) -> tuple[Any, dict[Path, int]]:
     """Parse YAML text; return the data and a map from each path to its 1-based line."""
+    documents = load_documents_with_positions(text, source)
+    if len(documents) > 1:
+        raise MergeError(
+            f"{source}: holds {len(documents)} YAML documents where one recipe was expected",
+            "a pipeline of stages gives each document a 'name:'",
+        )
+    return documents[0].data, documents[0].lines
+
+
+@dataclass(frozen=True)
+class Document:
+    data: Any
+    lines: dict[Path, int]  # 1-based lines counted from the start of the file
+    text: str  # this document's own text
+
+
+def load_documents_with_positions(text: str, source: str) -> list[Document]:
+    """Every YAML document of the text (separated by '---'), each with its lines."""
     try:
-        node = yaml.compose(text, Loader=_UniqueKeyLoader)
+        nodes = [n for n in yaml.compose_all(text, Loader=_UniqueKeyLoader) if n is not None]
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
@@ -40,11 +59,25 @@ def load_with_positions(text: str, source: str) -> tuple[Any, dict[Path, int]]:
         raise MergeError(
             f"{source}: the recipe is nested too deeply to read", "a recipe needs a few levels"
         ) from None
-    if node is None:
+    if not nodes:
         raise MergeError(f"{source}: the recipe is empty", "start with 'merge_method: ties'")
-    lines: dict[Path, int] = {}
-    data = _Converter(source, lines).convert(node, ())
-    return data, lines
+    if len(nodes) > MAX_DOCUMENTS:
+        raise MergeError(
+            f"{source}: holds {len(nodes)} YAML documents, more than {MAX_DOCUMENTS}",
+            "a pipeline needs a few stages",
+        )
+    all_lines = text.splitlines(keepends=True)
+    separators = [i for i, line in enumerate(all_lines) if line.startswith("---")]
+    out = []
+    for i, node in enumerate(nodes):
+        lines: dict[Path, int] = {}
+        data = _Converter(source, lines).convert(node, ())
+        first = node.start_mark.line
+        begin = max((k + 1 for k in separators if k < first), default=0) if i else 0
+        following = nodes[i + 1].start_mark.line if i + 1 < len(nodes) else len(all_lines)
+        end = max((k for k in separators if first <= k < following), default=following)
+        out.append(Document(data, lines, "".join(all_lines[begin:end])))
+    return out
 
 
 _STR = "tag:yaml.org,2002:str"
@@ -54,6 +87,7 @@ _EXPONENT_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+")
 # thousands of nested brackets) long before it costs time or memory.
 MAX_DEPTH = 32
 MAX_NODES = 200_000
+MAX_DOCUMENTS = 64
 
 
 class _Converter:

@@ -97,7 +97,7 @@ class _Builder:
         ref_meta = ref_source.tensors.get(ref_name)
         if ref_meta is None:
             self.findings.problem(
-                f"model '{reference.ref.text}' has no tensor '{ref_name}' "
+                f"{_at(reference)}model '{reference.ref.text}' has no tensor '{ref_name}' "
                 f"(needed for output tensor '{out_name}')",
                 "check the slice's layer_range",
             )
@@ -147,9 +147,9 @@ class _Builder:
                 )
             )
             return
-        params = self.params.global_params(group.parameters, out_name, t)
+        params = self.params.global_params(group.parameters, group.where, out_name, t)
         model_params = tuple(
-            self.params.model_params(group.parameters, entry, name_in(entry), t)
+            self.params.model_params(group.parameters, group.where, entry, name_in(entry), t)
             for entry in members
         )
         seeds = tuple(derive_seed(self.seed, e.ref.text, out_name) for e in members)
@@ -215,7 +215,7 @@ class _Builder:
         meta = self.sources[entry.ref.text].tensors.get(name)
         if meta is None:
             self.findings.problem(
-                f"model '{entry.ref.text}' has no tensor '{name}', which "
+                f"{_at(entry)}model '{entry.ref.text}' has no tensor '{name}', which "
                 f"'{reference.ref.text}' has",
                 "merge only models of the same architecture, or use slices to pick layers",
             )
@@ -229,8 +229,8 @@ class _Builder:
             )
             if not (embedding and larger):
                 self.findings.problem(
-                    f"tensor '{name}' has shape {list(meta.shape)} in '{entry.ref.text}' but "
-                    f"{list(ref_meta.shape)} in '{reference.ref.text}'",
+                    f"{_at(entry)}tensor '{name}' has shape {list(meta.shape)} in "
+                    f"'{entry.ref.text}' but {list(ref_meta.shape)} in '{reference.ref.text}'",
                     "these models do not share an architecture; merge only matching models",
                 )
                 return None
@@ -241,12 +241,17 @@ class _Builder:
             )
         if meta.dtype not in FLOATING and ref_meta.dtype in FLOATING:
             self.findings.problem(
-                f"tensor '{name}' is {meta.dtype} in '{entry.ref.text}' but "
+                f"{_at(entry)}tensor '{name}' is {meta.dtype} in '{entry.ref.text}' but "
                 f"{ref_meta.dtype} in '{reference.ref.text}'",
                 "merge only checkpoints of the same architecture",
             )
             return None
         return TensorInput(entry.ref.text, name, crop)
+
+
+def _at(entry: ModelInput) -> str:
+    """Where the recipe names this model, as a message prefix."""
+    return f"{entry.where}: " if entry.where else ""
 
 
 def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0) -> Plan:

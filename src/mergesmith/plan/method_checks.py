@@ -35,6 +35,8 @@ def parameter_blocks(
 ) -> Iterator[tuple[tuple[str | int, ...], dict[str, Any], bool]]:
     """(path, block, whether the block belongs to one model) for every `parameters:` block."""
     yield ("parameters",), recipe.parameters, False
+    if recipe.module_name is not None:
+        yield ("modules", recipe.module_name, "parameters"), recipe.module_parameters, False
     for i, m in enumerate(recipe.models or ()):
         yield ("models", i, "parameters"), m.parameters, True
     for si, s in enumerate(recipe.slices or ()):

@@ -1,14 +1,14 @@
 """Parameter resolution: each parameter's value for one tensor of one model.
 
 Precedence, first defined wins: the model's own block (per-model parameters only), the slice's,
-the top level, then the method's default. Gradients and filters are applied here, so a job
-holds plain values.
+the module's (`modules:` form), the top level, then the method's default. Gradients and filters
+are applied here, so a job holds plain values.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from mergesmith.config import ModelInput, Recipe, resolve_setting
@@ -27,8 +27,14 @@ class ParamResolver:
         self.method = method
         self.findings = findings
 
-    def global_params(self, group_block: Block, tensor: str, t: float) -> dict[str, Any]:
-        blocks = (group_block, self.recipe.parameters)
+    def global_params(
+        self, group_block: Block, group_where: str, tensor: str, t: float
+    ) -> dict[str, Any]:
+        blocks = (
+            (group_block, group_where),
+            (self.recipe.module_parameters, self._module_level),
+            (self.recipe.parameters, self._top_level),
+        )
         return {
             spec.name: self._resolve(spec, blocks, tensor, t, None)
             for spec in self.method.params
@@ -36,9 +42,14 @@ class ParamResolver:
         }
 
     def model_params(
-        self, group_block: Block, entry: ModelInput, tensor: str, t: float
+        self, group_block: Block, group_where: str, entry: ModelInput, tensor: str, t: float
     ) -> dict[str, Any]:
-        blocks = (entry.parameters, group_block, self.recipe.parameters)
+        blocks = (
+            (entry.parameters, entry.where or group_where),
+            (group_block, group_where),
+            (self.recipe.module_parameters, self._module_level),
+            (self.recipe.parameters, self._top_level),
+        )
         values = {
             spec.name: self._resolve(spec, blocks, tensor, t, entry.ref.text)
             for spec in self.method.params
@@ -53,10 +64,23 @@ class ParamResolver:
             )
         return values
 
+    def _top_level(self, name: str) -> str:
+        return self.recipe.where("parameters", name)
+
+    def _module_level(self, name: str) -> str:
+        return self.recipe.where("modules", str(self.recipe.module_name), "parameters", name)
+
     def _resolve(
-        self, spec: ParamSpec, blocks: Iterable[Block], tensor: str, t: float, model: str | None
+        self,
+        spec: ParamSpec,
+        blocks: Iterable[tuple[Block, str | Callable[[str], str]]],
+        tensor: str,
+        t: float,
+        model: str | None,
     ) -> Any:
-        for block in blocks:
+        """The first block's value (each block with where its settings are written)."""
+        blocks = list(blocks)
+        for block, where in blocks:
             if spec.name not in block:
                 continue
             setting = block[spec.name]
@@ -64,7 +88,8 @@ class ParamResolver:
                 return None
             value = resolve_setting(setting, tensor, t)
             if value is not None:
-                return self._coerce(spec, value, model, tensor)
+                line = where(spec.name) if callable(where) else where
+                return self._coerce(spec, value, model, tensor, line)
         if spec.required:
             whose = f"model '{model}'" if model else "the merge"
             where = (
@@ -72,8 +97,11 @@ class ParamResolver:
                 if model
                 else "under the top-level 'parameters:'"
             )
+            first = blocks[0][1]
+            line = first(spec.name) if callable(first) else first
             self.findings.problem(
-                f"{self.recipe.source_name}: {self.method.name} needs '{spec.name}' for {whose} "
+                f"{line or self.recipe.source_name}: {self.method.name} needs '{spec.name}' for "
+                f"{whose} "
                 f"(tensor '{tensor}' has none)",
                 f"add '{spec.name}: VALUE' {where}",
                 key=f"required:{spec.name}:{model}",
@@ -81,14 +109,16 @@ class ParamResolver:
             return None
         return spec.default
 
-    def _coerce(self, spec: ParamSpec, value: Any, model: str | None, tensor: str) -> Any:
+    def _coerce(
+        self, spec: ParamSpec, value: Any, model: str | None, tensor: str, where: str
+    ) -> Any:
         value, bad = coerce(spec, value)
         if bad is None and spec.check is not None:
             bad = spec.check(value)
         if bad:
             whose = f" for model '{model}'" if model else ""
             self.findings.problem(
-                f"{self.recipe.source_name}: parameter '{spec.name}'{whose}: {bad} "
+                f"{where or self.recipe.source_name}: parameter '{spec.name}'{whose}: {bad} "
                 f"(first at tensor '{tensor}')",
                 f"change '{spec.name}' ({spec.help}); 'mergesmith methods' lists the parameters",
                 key=f"value:{spec.name}:{model}:{bad}",
