@@ -6,12 +6,12 @@ import logging
 import os
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from mergesmith.config import Recipe, RecipeProblems, load_recipe
+from mergesmith.config import Recipe, RecipeProblems, is_pipeline, load_recipe
 from mergesmith.errors import MergeError, MergeErrors
 from mergesmith.plan import Plan, build_plan
 from mergesmith.sources import ModelSource, open_model
@@ -34,13 +34,24 @@ class MergeResult:
     warnings: list[str] = field(default_factory=list)
 
 
-def open_sources(recipe: Recipe) -> dict[str, ModelSource]:
-    """Open every model the recipe names, reading headers only; report all failures together."""
+def open_sources(
+    recipe: Recipe, stage_outputs: Mapping[str, Path | ModelSource] | None = None
+) -> dict[str, ModelSource]:
+    """Open every model the recipe names, reading headers only; report all failures together.
+    `stage_outputs` maps the names of earlier pipeline stages to their output folders (or, for
+    planning, to sources describing outputs not yet written)."""
     sources: dict[str, ModelSource] = {}
     problems: list[MergeError] = []
+    stage_outputs = stage_outputs or {}
     for ref in recipe.referenced_models():
+        given = stage_outputs.get(ref.text)
         try:
-            sources[ref.text] = open_model(ref.text, ref.path, ref.revision)
+            if isinstance(given, ModelSource):
+                sources[ref.text] = given
+            elif given is not None:
+                sources[ref.text] = open_model(ref.text, str(given))
+            else:
+                sources[ref.text] = open_model(ref.text, ref.path, ref.revision)
         except MergeError as exc:
             problems.append(MergeError(f"{recipe.model_where(ref.text)}: {exc.message}", exc.hint))
     if problems:
@@ -49,18 +60,24 @@ def open_sources(recipe: Recipe) -> dict[str, ModelSource]:
 
 
 def prepare(
-    recipe: str | Path | dict[str, Any], seed: int = 0
+    recipe: str | Path | dict[str, Any] | Recipe,
+    seed: int = 0,
+    stage_outputs: Mapping[str, Path | ModelSource] | None = None,
 ) -> tuple[Plan, dict[str, ModelSource]]:
     """Load, open and plan: everything that needs no tensor data. `validate` stops here."""
     try:
-        loaded = load_recipe(recipe)
+        loaded = recipe if isinstance(recipe, Recipe) else load_recipe(recipe)
     except RecipeProblems as exc:
-        raise _with_plan_problems(exc, seed) from None
-    sources = open_sources(loaded)
+        raise _with_plan_problems(exc, seed, stage_outputs) from None
+    sources = open_sources(loaded, stage_outputs)
     return build_plan(loaded, sources, seed), sources
 
 
-def _with_plan_problems(found: RecipeProblems, seed: int) -> MergeErrors:
+def _with_plan_problems(
+    found: RecipeProblems,
+    seed: int,
+    stage_outputs: Mapping[str, Path | ModelSource] | None,
+) -> MergeErrors:
     """The recipe's own problems, and those the models and the plan show once the keys at
     fault are left out: every problem in one run, not one round trip per mistake."""
     problems = list(found.errors)
@@ -68,20 +85,21 @@ def _with_plan_problems(found: RecipeProblems, seed: int) -> MergeErrors:
         return MergeErrors(problems)
     sources: dict[str, ModelSource] = {}
     try:
-        sources = open_sources(found.partial)
+        sources = open_sources(found.partial, stage_outputs)
         build_plan(found.partial, sources, seed)
     except MergeError as more:
         known = {p.message for p in problems}
         extra = more.errors if isinstance(more, MergeErrors) else [more]
         problems += [p for p in extra if p.message not in known]
     finally:
-        for source in sources.values():
-            source.close()
+        for ref, source in sources.items():
+            if ref not in (stage_outputs or {}):
+                source.close()
     return MergeErrors(problems)
 
 
 def merge(
-    recipe: str | Path | dict[str, Any],
+    recipe: str | Path | dict[str, Any] | Recipe,
     out_dir: str | Path,
     *,
     seed: int = 0,
@@ -93,6 +111,8 @@ def merge(
     allow_nonfinite: bool = False,
     resume: bool = False,
     progress: Callable[[Progress], None] | Callable[[int, int], None] | None = None,
+    keep_stages: bool = False,
+    stage_outputs: Mapping[str, Path] | None = None,
 ) -> MergeResult:
     """Merge the models a mergekit-style recipe names into a Hugging Face folder at `out_dir`.
 
@@ -107,7 +127,29 @@ def merge(
     MergeError naming its pid. `progress`, if given, is called with a `Progress` (tensors done
     and total, bytes read and written, seconds) once before the first tensor and after each
     one, never from two threads at once; a callable taking `(done, total)` still works.
+
+    A recipe file of several YAML documents, each with a `name:`, is a pipeline (mergekit's
+    multimerge format): see `mergesmith.pipeline`. Its stages run in dependency order, each but
+    the last into `.NAME.stages/` beside `out_dir` (kept with `keep_stages=True`);
+    `stage_outputs` (stage name -> folder) is how each stage finds the earlier ones.
     """
+    if stage_outputs is None and not isinstance(recipe, Recipe) and is_pipeline(recipe):
+        from mergesmith.pipeline import run_pipeline
+
+        return run_pipeline(
+            recipe,
+            out_dir,
+            keep_stages=keep_stages,
+            seed=seed,
+            threads=threads,
+            max_memory=max_memory,
+            shard_size=shard_size,
+            device=device,
+            overwrite=overwrite,
+            allow_nonfinite=allow_nonfinite,
+            resume=resume,
+            progress=progress,
+        )
     from mergesmith.engine import EngineOptions, run_jobs
     from mergesmith.output import finish, journal, metadata
     from mergesmith.output.layout import plan_layout
@@ -120,7 +162,7 @@ def merge(
     shard_bytes = parse_size(shard_size, "--shard-size")
     memory_bytes = parse_size(max_memory, "--max-memory") if max_memory is not None else None
     device = _resolve_device(device)
-    plan, sources = prepare(recipe, seed)
+    plan, sources = prepare(recipe, seed, stage_outputs)
     check_output(out, sources, overwrite)
     for warning in plan.warnings:
         log.warning(warning)

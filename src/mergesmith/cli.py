@@ -143,6 +143,9 @@ seed_option = click.option(
 @click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists.")
 @click.option("--allow-nonfinite", is_flag=True, help="Merge inputs holding NaN or Inf.")
 @click.option("--resume", is_flag=True, help="Continue an interrupted merge into OUT_DIR.")
+@click.option(
+    "--keep-stages", is_flag=True, help="Pipelines: keep the stages' outputs (.OUT.stages/)."
+)
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 @debug_option
 def run(
@@ -156,10 +159,12 @@ def run(
     overwrite: bool,
     allow_nonfinite: bool,
     resume: bool,
+    keep_stages: bool,
     quiet: bool,
     debug: bool,
 ) -> None:
-    """Merge the models RECIPE names into OUT_DIR."""
+    """Merge the models RECIPE names into OUT_DIR (a file of several named YAML documents is a
+    pipeline: its stages run in order, the last into OUT_DIR)."""
     _setup_logging(quiet)
     _tune_process_for_one_merge()
 
@@ -184,6 +189,7 @@ def run(
                 allow_nonfinite=allow_nonfinite,
                 resume=resume,
                 progress=progress,
+                keep_stages=keep_stages,
             )
         if not quiet:
             click.echo(
@@ -205,13 +211,23 @@ def validate(recipe: str, seed: int, show_plan: bool, out_dir: str | None, debug
     _setup_logging(False)
 
     def work() -> None:
-        from mergesmith.api import check_output, prepare
+        from pathlib import Path
 
+        from mergesmith.api import check_output, prepare
+        from mergesmith.config import is_pipeline
+
+        if is_pipeline(recipe):
+            from mergesmith.output.finish import check_output_target
+            from mergesmith.pipeline import plan_stages
+
+            if out_dir is not None:
+                check_output_target(Path(out_dir).expanduser().absolute(), overwrite=False)
+            for stage, plan in plan_stages(recipe, seed):
+                _report_plan(plan, show_plan, f"{stage.label}: ")
+            return
         plan, sources = prepare(recipe, seed)
         if out_dir is not None:
             check_output(out_dir, sources, overwrite=False)
-            from pathlib import Path
-
             from mergesmith.output.lock import running_merge
 
             holder = running_merge(Path(out_dir).expanduser().absolute())
@@ -221,25 +237,31 @@ def validate(recipe: str, seed: int, show_plan: bool, out_dir: str | None, debug
                     "`run` into it is refused until that merge ends",
                     err=True,
                 )
-        for warning in plan.warnings:
-            click.echo(f"warning: {warning}", err=True)
-        if show_plan:
-            for job in plan.jobs:
-                sources = ", ".join(f"{i.model}:{i.name}" for i in job.inputs)
-                click.echo(f"{job.name} {list(job.shape)} {job.dtype} <- {sources}")
-        if plan.vocab is not None:
-            vocab = plan.vocab
-            padding = vocab.rows - vocab.real_rows
-            click.echo(
-                f"vocabulary: {vocab.real_rows} tokens ({vocab.described})"
-                + (f", padded to {vocab.rows} rows" if padding else "")
-            )
-        click.echo(
-            f"ok: {plan.method.name}, {len(plan.jobs)} tensors, "
-            f"{plan.total_bytes / 1e6:.1f} MB to write"
-        )
+        _report_plan(plan, show_plan)
 
     _guarded(debug, work)
+
+
+def _report_plan(plan: Any, show_plan: bool, label: str = "") -> None:
+    """What `validate` says about one plan: warnings, the jobs if asked, the vocabulary, and
+    a summary line."""
+    for warning in plan.warnings:
+        click.echo(f"warning: {label}{warning}", err=True)
+    if show_plan:
+        for job in plan.jobs:
+            inputs = ", ".join(f"{i.model}:{i.name}" for i in job.inputs)
+            click.echo(f"{label}{job.name} {list(job.shape)} {job.dtype} <- {inputs}")
+    if plan.vocab is not None:
+        vocab = plan.vocab
+        padding = vocab.rows - vocab.real_rows
+        click.echo(
+            f"{label}vocabulary: {vocab.real_rows} tokens ({vocab.described})"
+            + (f", padded to {vocab.rows} rows" if padding else "")
+        )
+    click.echo(
+        f"{label}ok: {plan.method.name}, {len(plan.jobs)} tensors, "
+        f"{plan.total_bytes / 1e6:.1f} MB to write"
+    )
 
 
 @cli.command()

@@ -236,6 +236,12 @@ def load_stages(recipe: str | Path | dict[str, Any]) -> list[Recipe]:
     return stages
 
 
+def is_pipeline(recipe: str | Path | dict[str, Any]) -> bool:
+    """Whether the recipe holds several YAML documents (the stages of a pipeline)."""
+    text, name = _recipe_text(recipe)
+    return len(load_documents_with_positions(text, name)) > 1
+
+
 def _recipe_text(recipe: str | Path | dict[str, Any]) -> tuple[str, str]:
     """The recipe's YAML text and the name its messages use (the file, or '<recipe>')."""
     import yaml
