@@ -208,19 +208,9 @@ def compute(
     in the output (one tensor rather than all inputs), and the input holding them is named."""
     if job.copy_only:
         return _load(sources, job.inputs[0], device)
-    base = _load(sources, job.base, device) if job.base else None
-    models = [_load(sources, inp, device) for inp in job.inputs]
-    loaded = [(job.base, base)] if job.base else []
-    loaded += list(zip(job.inputs, models, strict=True))
-    if not allow_nonfinite and method.finite_check == "inputs":
-        _require_finite(loaded)
-    if job.vocab is not None:
-        # Rows by token string, as the output tokenizer numbers them (the base comes first).
-        aligned = job.vocab.align([base, *models] if base is not None else models)
-        if base is not None:
-            base, *models = aligned
-        else:
-            models = aligned
+    base, models, loaded = read_inputs(
+        job, sources, device, check_finite=not allow_nonfinite and method.finite_check == "inputs"
+    )
     inputs = MethodInputs(
         base, models, job.params, job.model_params, job.seeds, out_dtype=to_torch(job.dtype)
     )
@@ -238,6 +228,32 @@ def compute(
         )
     del base, models, loaded
     return result.cpu()
+
+
+def read_inputs(
+    job: TensorJob,
+    sources: Mapping[str, ModelSource],
+    device: torch.device,
+    check_finite: bool = True,
+) -> tuple[torch.Tensor | None, list[torch.Tensor], list[tuple[TensorInput, torch.Tensor]]]:
+    """A job's read: its base and models as the method sees them (cropped, and re-indexed to the
+    output vocabulary), and the tensors as read, each with its input. With `check_finite`, an
+    input holding NaN or Inf is an error naming it (checked before re-indexing, so it names the
+    model's own tensor)."""
+    base = _load(sources, job.base, device) if job.base else None
+    models = [_load(sources, inp, device) for inp in job.inputs]
+    loaded = [(job.base, base)] if job.base else []
+    loaded += list(zip(job.inputs, models, strict=True))
+    if check_finite:
+        _require_finite(loaded)
+    if job.vocab is not None:
+        # Rows by token string, as the output tokenizer numbers them (the base comes first).
+        aligned = job.vocab.align([base, *models] if base is not None else models)
+        if base is not None:
+            base, *models = aligned
+        else:
+            models = aligned
+    return base, models, loaded
 
 
 def _all_finite(tensor: torch.Tensor) -> bool:

@@ -7,7 +7,6 @@ one job, and nothing but a few numbers per tensor and model outlives it.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -16,8 +15,7 @@ import torch
 from mergesmith.analyze.groups import TensorRecord, layer_and_kind
 from mergesmith.analyze.stats import Sums, TensorAccumulator
 from mergesmith.analyze.trim import block_size, family_trim
-from mergesmith.engine import _load
-from mergesmith.errors import MergeError
+from mergesmith.engine import read_inputs
 from mergesmith.methods.task_arithmetic import FAMILY
 from mergesmith.ops.blocks import block_ranges
 from mergesmith.plan import Plan, TensorJob
@@ -91,17 +89,8 @@ def model_keys(refs: Sequence[str]) -> list[str]:
 
 
 def _record(job: TensorJob, sources: Mapping[str, ModelSource], analysis: Analysis) -> TensorRecord:
-    device = torch.device("cpu")
-    base = _load(sources, job.base, device) if job.base else None
-    models = [_load(sources, inp, device) for inp in job.inputs]
-    _require_finite(job, base, models)
-    if job.vocab is not None:
-        # Rows by token string, as the merge numbers them (the base comes first).
-        aligned = job.vocab.align([base, *models] if base is not None else models)
-        if base is not None:
-            base, *models = aligned
-        else:
-            models = aligned
+    # NaN or Inf would make every sum meaningless: the input holding it is named.
+    base, models, _ = read_inputs(job, sources, torch.device("cpu"))
     keys = model_keys([inp.model for inp in job.inputs])
     for key in keys:
         if key not in analysis.models:
@@ -150,20 +139,3 @@ def _mean_reference_sums(accumulator: TensorAccumulator, models: list[torch.Tens
         blocks = [m[start:end].float() for m in models]
         mean = torch.stack(blocks).mean(dim=0)
         accumulator.add_block([x - mean for x in blocks], None)
-
-
-def _require_finite(
-    job: TensorJob, base: torch.Tensor | None, models: Sequence[torch.Tensor]
-) -> None:
-    """NaN or Inf would make every sum meaningless: name the input holding it."""
-    inputs = [job.base, *job.inputs] if job.base else list(job.inputs)
-    tensors = [base, *models] if base is not None else list(models)
-    for inp, tensor in zip(inputs, tensors, strict=True):
-        if tensor.numel() and tensor.is_floating_point():
-            low, high = torch.aminmax(tensor)
-            if not (math.isfinite(float(low)) and math.isfinite(float(high))):
-                assert inp is not None
-                raise MergeError(
-                    f"model '{inp.model}': tensor '{inp.name}' holds NaN or infinite values",
-                    "the checkpoint is damaged or diverged; its statistics would be meaningless",
-                )

@@ -16,10 +16,10 @@ import torch
 
 from mergesmith.methods.task_arithmetic import (
     FAMILY,
-    _block_size,
-    _ModelPlan,
-    _rows,
-    _select,
+    ModelPlan,
+    as_rows,
+    block_size_for,
+    select_kept,
 )
 from mergesmith.ops.blocks import BLOCK
 from mergesmith.plan import TensorJob
@@ -33,7 +33,7 @@ class FamilyTrim:
     consensus: str | None
     block: int  # the merge's block size: random draws are made per block
     shape2d: tuple[int, int]
-    plans: list[_ModelPlan]
+    plans: list[ModelPlan]
 
     def trimmed(
         self, deltas: Sequence[torch.Tensor], number: int, start: int
@@ -49,7 +49,7 @@ class FamilyTrim:
 def block_size(job: TensorJob) -> int:
     """The block size the merge uses for this job (DELLA's blocks hold whole rows)."""
     row = FAMILY.get(job.method)
-    return _block_size(torch.Size(job.shape), row.sparsifier) if row else BLOCK
+    return block_size_for(torch.Size(job.shape), row.sparsifier) if row else BLOCK
 
 
 def family_trim(
@@ -62,7 +62,7 @@ def family_trim(
         return None
     rescale = bool(job.params.get("rescale", row.rescale))
     plans = [
-        _ModelPlan(
+        ModelPlan(
             row.sparsifier,
             float(params.get("density", 1.0)),
             float(params.get("gamma", 0.01)),
@@ -74,9 +74,9 @@ def family_trim(
     ]
     n = base.numel()
     shape = torch.Size(job.shape)
-    block = _block_size(shape, row.sparsifier)
-    shape2d = _rows(shape)
-    _select(plans, base, list(models), n, block)
+    block = block_size_for(shape, row.sparsifier)
+    shape2d = as_rows(shape)
+    select_kept(plans, base, list(models), n, block)
     for plan, model in zip(plans, models, strict=True):
         plan.measure_rescale(base, model, n, block, shape2d)
     consensus = job.params.get("consensus_method", row.consensus)

@@ -103,7 +103,7 @@ def merge_task_vectors(
     flat_base = base.reshape(-1)
     flats = [m.reshape(-1) for m in models]
     specs = [
-        _ModelPlan(
+        ModelPlan(
             sparsifier,
             (densities or [1.0] * k)[i],
             (gammas or [0.01] * k)[i],
@@ -113,17 +113,17 @@ def merge_task_vectors(
         )
         for i in range(k)
     ]
-    block = _block_size(base.shape, sparsifier)
-    shape2d = _rows(base.shape)
+    block = block_size_for(base.shape, sparsifier)
+    shape2d = as_rows(base.shape)
     try:
-        _select(specs, flat_base, flats, n, block)
+        select_kept(specs, flat_base, flats, n, block)
     except UnorderedKeys:
         # NaN deltas are trimmed as if they were zero; the combining pass keeps them, so the
         # output still holds NaN wherever a kept entry did, for the engine's check to find.
         # Selection sees deltas only: a NaN base entry counts as a zero delta too.
         zeros = torch.zeros(n, dtype=torch.float32, device=flat_base.device)
         clean = [torch.nan_to_num(torch.sub(f, flat_base), nan=0.0) for f in flats]
-        _select(specs, zeros, clean, n, block)
+        select_kept(specs, zeros, clean, n, block)
     for plan, flat in zip(specs, flats, strict=True):
         plan.measure_rescale(flat_base, flat, n, block, shape2d)
     weight_list = [float(w) for w in weights]
@@ -154,7 +154,7 @@ class _Combine:
 
     base: torch.Tensor
     models: list[torch.Tensor]
-    plans: list[_ModelPlan]
+    plans: list[ModelPlan]
     weights: list[float]
     consensus: str | None
     normalize: bool
@@ -208,8 +208,8 @@ class _Combine:
         self.out[start:end].copy_(mixed.add_(b))
 
 
-def _select(
-    specs: list[_ModelPlan], base: torch.Tensor, flats: list[torch.Tensor], n: int, block: int
+def select_kept(
+    specs: list[ModelPlan], base: torch.Tensor, flats: list[torch.Tensor], n: int, block: int
 ) -> None:
     """Find every model's magnitude cuts in one shared sweep over the blocks."""
     wanted = []
@@ -286,15 +286,15 @@ def _cut_mask(
 _DRAWN_KINDS = ("random", "della_magprune")
 
 
-def _block_size(shape: torch.Size, sparsifier: str | None) -> int:
+def block_size_for(shape: torch.Size, sparsifier: str | None) -> int:
     if sparsifier != "della_magprune":
         return BLOCK
     # DELLA ranks within rows, so its blocks hold whole rows.
-    width = _rows(shape)[1]
+    width = as_rows(shape)[1]
     return width * max(1, BLOCK // width)
 
 
-def _rows(shape: torch.Size) -> tuple[int, int]:
+def as_rows(shape: torch.Size) -> tuple[int, int]:
     """DELLA's rows: the first axis; a 1-D tensor is one row."""
     if len(shape) < 2:
         n = 1
@@ -308,7 +308,7 @@ def _rows(shape: torch.Size) -> tuple[int, int]:
     return rows, n // max(1, rows)
 
 
-class _ModelPlan:
+class ModelPlan:
     """One model's sparsification, decided before the combining pass."""
 
     def __init__(
