@@ -69,7 +69,7 @@ def bad_model(root: Path, family: Family, kind: str) -> tuple[Path, Path]:
     folder = root / kind
     if kind in ("missing_shard", "dangling_shard", "bad_index"):
         sharded_copy(folder, tuned[0])
-    elif kind != "model_is_file":
+    elif kind != "not_weights_file":
         shutil.copytree(tuned[0], folder)
     weights = folder / "model.safetensors"
     second = folder / "model-00002-of-00003.safetensors"
@@ -101,8 +101,9 @@ def bad_model(root: Path, family: Family, kind: str) -> tuple[Path, Path]:
     if kind == "bad_index":
         index.write_text('{"weight_map": {"model.norm.weight": ')
         return folder, index
-    if kind == "model_is_file":
-        return tuned[0] / "model.safetensors", tuned[0] / "model.safetensors"
+    if kind == "not_weights_file":
+        # A weights file is a model (tests/test_checkpoint_files.py); config.json is not.
+        return tuned[0] / "config.json", tuned[0] / "config.json"
     if kind == "no_weights":
         weights.unlink()
         return folder, folder
@@ -116,7 +117,7 @@ BAD_KINDS = [
     "missing_shard",
     "dangling_shard",
     "bad_index",
-    "model_is_file",
+    "not_weights_file",
     "no_weights",
 ]
 

@@ -127,7 +127,7 @@ models:
     parameters: {{weight: 1}}
   - model: acme/not-a-model
     parameters: {{weight: 1}}
-  - model: {base / "model.safetensors"}
+  - model: {base / "config.json"}
     parameters: {{weight: 1}}
 """,
         "architecture": f"""merge_method: ties
@@ -211,7 +211,7 @@ def test_every_missing_or_unusable_model_is_named_at_once(cli, family: Family) -
     problems = assert_rejected(cli["results"]["models"], 3)
     find(problems, str(cli["root"] / "no-such-model"), "no such folder")
     find(problems, "acme/not-a-model")
-    find(problems, str(base / "model.safetensors"), "is a file")
+    find(problems, str(base / "config.json"), "not a checkpoint file")
     assert_nothing_written(cli["outs"]["models"])
 
 

@@ -113,6 +113,9 @@ def merge(
     progress: Callable[[Progress], None] | Callable[[int, int], None] | None = None,
     keep_stages: bool = False,
     stage_outputs: Mapping[str, Path] | None = None,
+    backend: str = "local",
+    address: str | None = None,
+    task_size: str | int | None = None,
 ) -> MergeResult:
     """Merge the models a mergekit-style recipe names into a Hugging Face folder at `out_dir`.
 
@@ -132,7 +135,14 @@ def merge(
     multimerge format): see `mergesmith.pipeline`. Its stages run in dependency order, each but
     the last into `.NAME.stages/` beside `out_dir` (kept with `keep_stages=True`);
     `stage_outputs` (stage name -> folder) is how each stage finds the earlier ones.
+
+    `backend="ray"` runs the same jobs as tasks on a Ray cluster (`address`, else a local
+    instance; `task_size` output bytes per task) with byte-identical output: see
+    `mergesmith.backends.ray_driver`. Inputs and output must be at the same paths on every node.
     """
+    from mergesmith.backends import check_backend_options
+
+    check_backend_options(backend, address, task_size, device)
     if stage_outputs is None and not isinstance(recipe, Recipe) and is_pipeline(recipe):
         from mergesmith.pipeline import run_pipeline
 
@@ -149,6 +159,9 @@ def merge(
             allow_nonfinite=allow_nonfinite,
             resume=resume,
             progress=progress,
+            backend=backend,
+            address=address,
+            task_size=task_size,
         )
     from mergesmith.engine import EngineOptions, run_jobs
     from mergesmith.output import finish, journal, metadata
@@ -207,7 +220,27 @@ def merge(
                     allow_nonfinite=allow_nonfinite,
                 )
                 counter.start()
-                run_jobs(plan, sources, write, options, jobs=todo, on_done=counter.job_done)
+                if backend == "ray":
+                    from mergesmith.backends.ray_driver import RayRun, run_on_ray
+
+                    # The driver created the shards (TensorWriter above); workers fill them.
+                    ray_run = RayRun(
+                        plan=plan,
+                        layout=layout,
+                        sources=sources,
+                        staging=staging,
+                        fingerprint=stamp,
+                        shard_bytes=shard_bytes,
+                        address=address,
+                        task_size=task_size,
+                        threads=threads,
+                        max_memory=memory_bytes,
+                        allow_nonfinite=allow_nonfinite,
+                        stage_outputs=stage_outputs,
+                    )
+                    run_on_ray(ray_run, todo, progress_log.record, on_done=counter.job_done)
+                else:
+                    run_jobs(plan, sources, write, options, jobs=todo, on_done=counter.job_done)
             finally:
                 writer.close()
                 progress_log.close()
@@ -273,7 +306,13 @@ def check_output(out_dir: str | Path, sources: dict[str, ModelSource], overwrite
     # Overlap first: for an input folder, "not empty, use --overwrite" would be a harmful hint.
     for ref, source in sources.items():
         folder = source.folder.absolute()
-        if out == folder or out in folder.parents or folder in out.parents:
+        if Path(ref).expanduser().is_file():
+            # A model given as a file: only that file (and any folder holding it) is off limits;
+            # a sibling output folder is fine.
+            overlaps = any(out == f.absolute() or out in f.absolute().parents for f in source.files)
+        else:
+            overlaps = out == folder or out in folder.parents or folder in out.parents
+        if overlaps:
             raise MergeError(
                 f"output folder '{out}' overlaps input model '{ref}' ({folder})",
                 "write the merge to a new folder",

@@ -466,8 +466,8 @@ def _describe(err: Any, where: Any, data: Any) -> MergeError:
         if loc[:2] == ("tokenizer", "tokens") and len(loc) == 4:
             parent = "tokens"  # loc[2] is the token itself
         valid = list(_FIELDS_AT.get(parent, _RecipeYaml).model_fields)
-        close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
-        hint = f"did you mean '{close[0]}'?" if close else f"valid keys here: {', '.join(valid)}"
+        guess = closest(key, valid)
+        hint = f"did you mean '{guess}'?" if guess else f"valid keys here: {', '.join(valid)}"
         return MergeError(f"{where(loc)}: unknown key '{dotted}'", hint)
     if kind == "missing":
         return MergeError(
@@ -672,5 +672,8 @@ def _interpolate(values: list[Any], t: float) -> Any:
 
 
 def closest(word: str, choices: list[str]) -> str | None:
-    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.5)
-    return found[0] if found else None
+    """The likeliest meant choice: a swap of letters first (`modles` is `models`, not
+    `modules`), else the closest by difflib's ratio."""
+    found = difflib.get_close_matches(word, choices, n=3, cutoff=0.5)
+    swapped = [c for c in found if sorted(c) == sorted(word)]
+    return (swapped or found or [None])[0]

@@ -38,7 +38,8 @@ class ModelSource:
 
     @property
     def config(self) -> dict[str, Any] | None:
-        """config.json, if the model has one."""
+        """config.json, if the model's folder has one (None otherwise: the output then has
+        no config.json either)."""
         if not self._config_loaded:
             self._config_loaded = True
             path = self.folder / "config.json"
@@ -51,6 +52,13 @@ class ModelSource:
                         "restore the file from the model's original source",
                     ) from None
         return self._config
+
+    @property
+    def files(self) -> list[Path]:
+        """The weight files this model is read from (for a model given as a file, that file;
+        `folder` is then the folder it lies in, where config.json and tokenizer files are
+        looked for)."""
+        return sorted({meta.file for meta in self.tensors.values()})
 
     def read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
