@@ -14,9 +14,10 @@ draw them from a torch.Generator seeded with the model's seed (`seeds[0]`, deriv
 run's --seed, the model and the tensor), so a run is reproducible; mergekit draws from torch's
 global generator, so its sampled quartiles differ from ours (and from run to run, unless seeded).
 
-Memory stays flat: per-row statistics are recomputed for each group of rows when needed rather
-than stored, in two passes (the quartiles, then the combination); the sampled importances (at
-most 1e6 of them, with their indices) are the only thing beyond one block.
+Memory stays flat: the row divergences (one float per row) are computed once, then two passes
+read the inputs block by block (the quartiles, then the combination); the divergences and the
+sampled importances (at most 1e6 of them, with their indices) are the only things beyond one
+block.
 """
 
 from __future__ import annotations
@@ -41,7 +42,9 @@ _blocked = blocked(float32_temps_per_input=2, float32_temps=8)
 
 
 def _memory(job: JobSize) -> int:
-    return _blocked(job) + min(job.numel, SAMPLE_SIZE) * SAMPLE_BYTES
+    # Plus 4 bytes a row for the divergences: rows <= entries, and a tensor of over 1e6 rows
+    # would have rows of one entry.
+    return _blocked(job) + min(job.numel, SAMPLE_SIZE) * (SAMPLE_BYTES + 4)
 
 
 def _as_rows(tensor: torch.Tensor) -> torch.Tensor:
@@ -91,12 +94,28 @@ def row_divergence(
     return kl
 
 
+def all_row_divergences(m2: torch.Tensor, b2: torch.Tensor, block: int = BLOCK) -> torch.Tensor:
+    """`row_divergence` of every row of the 2-D views, group of rows by group of rows."""
+    rows, length = m2.shape
+    kl = torch.empty(rows, dtype=torch.float32)
+    for r0, r1 in _row_groups(rows, length, block):
+        kl[r0:r1] = row_divergence(m2, b2, r0, r1, block)
+    return kl
+
+
 def fusion_threshold(
-    model: torch.Tensor, base: torch.Tensor, seed: int, block: int = BLOCK
+    model: torch.Tensor,
+    base: torch.Tensor,
+    seed: int,
+    block: int = BLOCK,
+    kl: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """median + 1.5 IQR of the importances (of a seeded sample of them for a large tensor)."""
+    """median + 1.5 IQR of the importances (of a seeded sample of them for a large tensor);
+    `kl`: the row divergences, if already computed."""
     m2, b2 = _as_rows(model), _as_rows(base)
     rows, length = m2.shape
+    if kl is None:
+        kl = all_row_divergences(m2, b2, block)
     n = rows * length
     if n > SAMPLE_SIZE:
         generator = torch.Generator().manual_seed(seed)
@@ -112,10 +131,9 @@ def fusion_threshold(
         lo, hi = torch.searchsorted(positions, torch.tensor([r0 * length, r1 * length])).tolist()
         if lo == hi:
             continue
-        kl = row_divergence(m2, b2, r0, r1, block)
         at = positions[lo:hi]
         diff = (flat_m[at].float() - flat_b[at].float()).abs_()
-        importance[lo:hi] = diff.mul_(kl[at.div(length, rounding_mode="floor") - r0])
+        importance[lo:hi] = diff.mul_(kl[at.div(length, rounding_mode="floor")])
     ordered = importance.sort().values
     # mergekit's positions floor(f * (count - 1)) for f = 1/4, 1/2, 3/4, computed in float32;
     # exact for count <= 1e6, hence equal to these integer divisions.
@@ -138,12 +156,13 @@ def fusion_merge(
     """The method's work, with the block size open for tests."""
     if base.numel() == 0:  # no quartiles to take (mergekit fails here): nothing to merge
         return torch.empty(base.shape, dtype=out_dtype, device=base.device)
-    threshold = fusion_threshold(model, base, seed, block)
     m2, b2 = _as_rows(model), _as_rows(base)
     rows, length = m2.shape
+    kl_rows = all_row_divergences(m2, b2, block)
+    threshold = fusion_threshold(model, base, seed, block, kl_rows)
     out = torch.empty(rows, length, dtype=out_dtype, device=base.device)
     for r0, r1 in _row_groups(rows, length, block):
-        kl = row_divergence(m2, b2, r0, r1, block).unsqueeze(-1)
+        kl = kl_rows[r0:r1].unsqueeze(-1)
         for c0 in range(0, max(length, 1), block):
             c1 = min(length, c0 + block)
             b = b2[r0:r1, c0:c1].float()
