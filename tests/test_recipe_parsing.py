@@ -106,7 +106,15 @@ def test_filter_is_a_plain_substring_not_a_regex() -> None:
     assert resolve_setting([{"filter": "up_proj", "value": 1}], "mlp.up_proj.weight", 0) == 1
 
 
-def test_lora_references_are_refused_with_a_hint() -> None:
-    with pytest.raises(MergeError) as info:
-        parse_recipe("merge_method: linear\nmodels:\n  - model: org/m+org/adapter\n", "r.yml")
-    assert "LoRA" in info.value.message and info.value.hint
+def test_lora_references_parse_into_model_and_adapter() -> None:
+    recipe = parse_recipe(
+        "merge_method: linear\nmodels:\n  - model: org/m@v1+org/adapter\n", "r.yml"
+    )
+    assert recipe.models is not None
+    ref = recipe.models[0].ref
+    assert (ref.text, ref.path, ref.revision, ref.adapter) == (
+        "org/m@v1+org/adapter",
+        "org/m",
+        "v1",
+        "org/adapter",
+    )

@@ -51,7 +51,9 @@ def open_sources(
             elif given is not None:
                 sources[ref.text] = open_model(ref.text, str(given))
             else:
-                sources[ref.text] = open_model(ref.text, ref.path, ref.revision)
+                sources[ref.text] = open_model(
+                    ref.text, ref.path, ref.revision, ref.adapter, ref.adapter_revision
+                )
         except MergeError as exc:
             problems.append(MergeError(f"{recipe.model_where(ref.text)}: {exc.message}", exc.hint))
     if problems:

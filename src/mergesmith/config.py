@@ -117,26 +117,42 @@ _FIELDS_AT: dict[str, type[BaseModel]] = {
 
 @dataclass(frozen=True)
 class ModelRef:
-    """A model as the recipe names it: a local folder or a hub id, optionally `@revision`."""
+    """A model as the recipe names it: a local folder or a hub id, optionally `@revision`, and
+    optionally `+ADAPTER` (a PEFT LoRA adapter, a local folder or a hub id with its own
+    `@revision`), which is applied to the model's tensors as they are read (sources/lora.py)."""
 
     text: str
     path: str
     revision: str | None = None
+    adapter: str | None = None
+    adapter_revision: str | None = None
 
     @staticmethod
     def parse(text: str) -> ModelRef:
-        path, revision = text, None
-        if "+" in text:
-            raise MergeError(
-                f"model '{text}': LoRA adapters ('MODEL+ADAPTER') are not supported yet",
-                "merge the adapter into its model first (PEFT's merge_and_unload), then use that",
-            )
-        if "@" in text and not Path(text).exists():
-            path, revision = text.rsplit("@", 1)
+        """mergekit's reading: `MODEL[@REV][+ADAPTER[@REV]]`. A local path that exists is taken
+        whole, so a folder whose name holds '+' or '@' still works."""
+        if "+" in text and not Path(text).exists():
+            parts = text.split("+")
+            if len(parts) != 2 or not all(p.strip() for p in parts):
+                raise MergeError(
+                    f"model '{text}': expected MODEL+ADAPTER (one '+', a name on each side)",
+                    "write the model, then '+', then the PEFT adapter's folder or hub id",
+                )
+            path, revision = _path_and_revision(parts[0])
+            adapter, adapter_revision = _path_and_revision(parts[1])
+            return ModelRef(text, path, revision, adapter, adapter_revision)
+        path, revision = _path_and_revision(text)
         return ModelRef(text=text, path=path, revision=revision)
 
     def __str__(self) -> str:
         return self.text
+
+
+def _path_and_revision(text: str) -> tuple[str, str | None]:
+    if "@" in text and not Path(text).exists():
+        path, revision = text.rsplit("@", 1)
+        return path, revision
+    return text, None
 
 
 @dataclass(frozen=True)

@@ -285,7 +285,7 @@ def _stage_stamp(
     sources = open_sources(stage.recipe, done)
     try:
         for ref in sorted(set(sources) - set(stage.needs)):
-            for file in sorted({meta.file for meta in sources[ref].tensors.values()}):
+            for file in sources[ref].files:
                 stat = file.stat()
                 digest.update(f"\0{ref}\0{file}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
     finally:

@@ -37,7 +37,7 @@ def fingerprint(plan: Plan, layout: OutputLayout, sources: dict[str, ModelSource
         for ref in sorted(plan.vocab.row_of):
             digest.update(ref.encode() + repr(plan.vocab.row_of[ref]).encode())
     for ref in sorted(sources):
-        files = sorted({meta.file for meta in sources[ref].tensors.values()})
+        files = sources[ref].files
         for file in files:
             stat = file.stat()
             digest.update(f"{ref}\0{file}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())

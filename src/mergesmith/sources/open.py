@@ -18,13 +18,33 @@ from mergesmith.sources.files import (
 )
 
 
-def open_model(ref: str, path: str, revision: str | None = None) -> ModelSource:
+def open_model(
+    ref: str,
+    path: str,
+    revision: str | None = None,
+    adapter: str | None = None,
+    adapter_revision: str | None = None,
+) -> ModelSource:
     """Open a model from a local folder or checkpoint file, or from the Hugging Face hub
-    (cache first when offline).
+    (cache first when offline); with `adapter`, that PEFT LoRA adapter is applied to its
+    tensors as they are read (sources/lora.py).
 
     A model given as a file takes its config.json (and tokenizer files) from the folder it
     lies in, if that folder has them; otherwise it has no config, and the output none either.
     """
+    source = _open_model(ref, path, revision)
+    if adapter is None:
+        return source
+    from mergesmith.sources.lora import open_adapter
+
+    try:
+        return open_adapter(ref, source, adapter, adapter_revision)
+    except BaseException:
+        source.close()
+        raise
+
+
+def _open_model(ref: str, path: str, revision: str | None) -> ModelSource:
     target = Path(path).expanduser()
     if target.exists() or target.is_symlink():
         if revision is not None:
@@ -114,7 +134,7 @@ def open_local(ref: str, target: Path) -> ModelSource:
     adapter = any(name.startswith("adapter_model.") for name in choice.ignored)
     raise MergeError(
         f"model '{ref}': {folder} holds no weights (looked for {LOOKED_FOR}){ignored}",
-        "merge a LoRA adapter into its base model first (PEFT's merge_and_unload)"
+        "this is a LoRA adapter: name it after its base model, as MODEL+ADAPTER"
         if adapter
         else "point the recipe at the folder or file that contains the weights",
     )
