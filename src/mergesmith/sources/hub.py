@@ -361,7 +361,7 @@ def _no_weights_on_hub(
     return MergeError(
         f"{who}: the hub repository {repo_id}{at} holds no weights mergesmith reads "
         f"(looked for {LOOKED_FOR}; it has {shown or 'no files'})",
-        "it holds a LoRA adapter: merge it into its base model first (PEFT's merge_and_unload)"
+        "it holds a LoRA adapter: name it after its model, as MODEL+ADAPTER"
         if adapter
         else "check the id: is this the model itself, and not an adapter or a quantized copy?",
     )
