@@ -198,6 +198,7 @@ class _Builder:
                     f"past the {have} rows of '{inp.name}'",
                     "fix the model's tokenizer or embeddings, or give the token a source with "
                     "'force: true' under tokenizer.tokens",
+                    key=f"past-rows:{inp.model}:{token}",  # embed_tokens and lm_head alike
                 )
                 return None
         return plan
