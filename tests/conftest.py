@@ -76,3 +76,12 @@ def assert_identical(got: Path, expected: Path, what: str = "the expected output
     assert sorted(got_files) == sorted(expected_files)
     for name, data in expected_files.items():
         assert got_files[name] == data, f"{name} differs from {what}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster (two nodes, one CPU each) for the whole run, this process its
+    driver; skipped, with the reason shown, where Ray is not installed."""
+    from tests.ray_support import start_test_cluster
+
+    yield from start_test_cluster()

@@ -136,7 +136,12 @@ seed_option = click.option(
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.argument("out_dir", type=click.Path(file_okay=False))
 @seed_option
-@click.option("--threads", type=click.IntRange(min=1), default=None, help="Jobs in parallel.")
+@click.option(
+    "--threads",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Jobs in parallel (Ray: tasks in flight; default all the cluster runs).",
+)
 @click.option("--max-memory", default=None, help="Working memory for jobs in flight, e.g. 4GB.")
 @click.option("--shard-size", default="5GB", show_default=True, help="Largest output shard.")
 @click.option("--device", default="cpu", show_default=True, help="cpu, cuda or auto.")
@@ -146,6 +151,19 @@ seed_option = click.option(
 @click.option(
     "--keep-stages", is_flag=True, help="Pipelines: keep the stages' outputs (.OUT.stages/)."
 )
+@click.option(
+    "--backend",
+    type=click.Choice(["local", "ray"]),
+    default="local",
+    show_default=True,
+    help="Where jobs run: this machine's threads, or a Ray cluster (mergesmith[ray]).",
+)
+@click.option(
+    "--address",
+    default=None,
+    help="Ray cluster: auto, HOST:PORT or ray://HOST:PORT (default: start a local one).",
+)
+@click.option("--task-size", default=None, help="Ray: output per task, e.g. 1GB.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only errors.")
 @debug_option
 def run(
@@ -160,6 +178,9 @@ def run(
     allow_nonfinite: bool,
     resume: bool,
     keep_stages: bool,
+    backend: str,
+    address: str | None,
+    task_size: str | None,
     quiet: bool,
     debug: bool,
 ) -> None:
@@ -190,6 +211,9 @@ def run(
                 resume=resume,
                 progress=progress,
                 keep_stages=keep_stages,
+                backend=backend,
+                address=address,
+                task_size=task_size,
             )
         if not quiet:
             click.echo(
