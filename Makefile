@@ -43,8 +43,12 @@ format: $(STAMP)
 bench: $(STAMP)
 	$(PY) bench/bench_ties.py
 
+# The MLP benchmark (five seeds, ~1 min), then the language-model one (three seeds, ~20 min on
+# 2 cores), compared with its stored run under the round-1 tie rule.
 quality: $(STAMP)
 	$(PY) examples/quality/run_quality.py
+	$(PY) examples/quality_lm/run_quality_lm.py \
+		--compare-with examples/quality_lm/results/index_rule.json
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info

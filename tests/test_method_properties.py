@@ -48,9 +48,13 @@ def _trim_reference(delta: list[float], density: float) -> list[float]:
     if density <= 0:
         return [0.0] * n
     k = max(1, math.floor(density * n))
-    order = sorted(range(n), key=lambda i: (-abs(delta[i]), i))
-    keep = set(order[:k])
-    return [delta[i] if i in keep else 0.0 for i in range(n)]
+    # The k-th largest magnitude; all above it are kept, and of the T equal to it the `need`
+    # still wanted go to the j-th (in index order) when floor((j+1) need / T) > floor(j need / T).
+    cut = sorted((abs(v) for v in delta), reverse=True)[k - 1]
+    tied = [i for i in range(n) if abs(delta[i]) == cut]
+    need = k - sum(abs(v) > cut for v in delta)
+    chosen = {i for j, i in enumerate(tied) if (j + 1) * need // len(tied) > j * need // len(tied)}
+    return [v if abs(v) > cut or i in chosen else 0.0 for i, v in enumerate(delta)]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -2,8 +2,9 @@
 
 The torch code is the reference (its results are checked against hand-worked tensors and
 mergekit elsewhere); here every path through the kernels is run next to it on inputs built to
-reach the corners: cuts that split runs of equal magnitudes, signed zeros, NaN and infinities,
-every dtype pairing, tensors spanning several blocks, and whole merges through the CLI.
+reach the corners: cuts that split runs of equal magnitudes (the spread rule of SEMANTICS.md 3,
+whose state the kernel carries from chunk to chunk), signed zeros, NaN and infinities, every
+dtype pairing, tensors spanning several blocks, and whole merges through the CLI.
 """
 
 from __future__ import annotations
@@ -187,6 +188,104 @@ def test_family_matches_torch_on_small_tensors(
         consensus=consensus,
         normalize=True,
         gammas=[gamma, gamma / 2],
+    )
+    assert torch.equal(bits(got), bits(expected))
+
+
+@needs_kernels
+def test_a_hand_worked_tie_through_both_paths() -> None:
+    """delta = [1, 2, 2, 2, 2, 3] at density 0.5: k = 3 keeps the 3 and need = 2 of the T = 4
+    twos, the j-th (from 0) when floor(2(j+1)/4) > floor(2j/4): j = 1 and 3, indices 2 and 4."""
+    base = torch.zeros(6)
+    delta = torch.tensor([1.0, 2.0, 2.0, 2.0, 2.0, 3.0])
+    expected = torch.tensor([0.0, 0.0, 2.0, 0.0, 2.0, 3.0])
+    got, torch_code = both_paths(
+        merge_task_vectors, base, [delta], [1.0], densities=[0.5], sparsifier="magnitude"
+    )
+    assert torch.equal(got, expected)
+    assert torch.equal(torch_code, expected)
+
+
+def bf16_fine_tunes(n: int, k: int, *, seed: int, levels: int) -> tuple[torch.Tensor, list]:
+    """A bf16 base and k bf16 fine-tunes whose deltas take only a few values (`levels` steps
+    of 2^-10 either way, on a base of magnitude below 1): the runs of equal magnitudes span
+    every block and chunk, as in real bf16 checkpoints, so every cut splits one."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.rand(n, generator=g) * 0.5 + 0.25).bfloat16()
+    models = []
+    for _ in range(k):
+        steps = torch.randint(-levels, levels + 1, (n,), generator=g).float()
+        models.append((base.float() + steps * 2**-10).bfloat16())
+    return base, models
+
+
+TIE_CASES = [
+    # sparsifier, densities, gammas, consensus, rescale
+    ("magnitude", [0.2, 0.5, 0.8], [0.0] * 3, "sum", False),
+    ("magnitude", [0.35, 0.05, 0.65], [0.0] * 3, None, True),
+    ("magnitude_outliers", [0.5, 0.3, 0.7], [0.01, 0.2, 0.05], "sum", False),
+    # gamma 0.3 and density 0.1 put both ends of the window inside one run of equal values.
+    ("magnitude_outliers", [0.1, 0.6, 0.2], [0.3, 0.0, 0.1], None, True),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("case", TIE_CASES, ids=lambda c: f"{c[0]}-{c[1][0]}")
+@pytest.mark.parametrize("levels", [1, 3])
+def test_tie_heavy_bf16_cuts_match_torch(case, levels: int) -> None:
+    """Cuts inside runs of equal magnitudes that fill several blocks: the spread rule's state
+    carried from chunk to chunk in the kernel gives the torch code's bytes."""
+    sparsifier, densities, gammas, consensus, rescale = case
+    base, models = bf16_fine_tunes(2 * BLOCK + 4097, 3, seed=levels, levels=levels)
+    got, expected = both_paths(
+        merge_task_vectors,
+        base,
+        models,
+        [0.5, 0.8, -0.3],
+        densities=densities,
+        sparsifier=sparsifier,
+        consensus=consensus,
+        normalize=consensus is not None,
+        rescale=rescale,
+        gammas=gammas,
+    )
+    assert torch.equal(bits(got), bits(expected))
+    # The data does what it is for: a bound of model 0's window (in ascending |delta| order)
+    # falls between two equal values, i.e. inside a run.
+    ascending = (models[0].float() - base.float()).abs().sort().values
+    n = ascending.numel()
+    if sparsifier == "magnitude":
+        bounds = [n - max(1, math.floor(densities[0] * n))]
+    else:
+        target, top = math.floor(densities[0] * n), math.floor(gammas[0] * n)
+        bounds = [max(0, n - target - top), max(0, n - target - top) + target]
+    assert any(0 < b < n and ascending[b - 1] == ascending[b] for b in bounds)
+
+
+@needs_kernels
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 5000),
+    density=st.floats(0.0, 1.0),
+    gamma=st.floats(0.0, 0.5),
+    levels=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+    sparsifier=st.sampled_from(["magnitude", "magnitude_outliers"]),
+)
+def test_one_or_two_magnitudes_match_torch(n, density, gamma, levels, seed, sparsifier) -> None:
+    """At most three magnitudes in a tensor (zero among them): every cut splits a run, and
+    chunks of 1024 cut through the runs anywhere."""
+    base, models = bf16_fine_tunes(n, 2, seed=seed, levels=levels)
+    got, expected = both_paths(
+        merge_task_vectors,
+        base,
+        models,
+        [1.0, 0.5],
+        densities=[density, 1 - density / 3],
+        sparsifier=sparsifier,
+        consensus="sum",
+        normalize=True,
+        gammas=[gamma, gamma / 3],
     )
     assert torch.equal(bits(got), bits(expected))
 

@@ -51,16 +51,31 @@ def test_magnitude_keeps_the_k_largest_in_absolute_value() -> None:
     assert torch.equal(magnitude(TEN, 0.3), expected)
 
 
-def test_magnitude_tie_at_threshold_keeps_lower_flat_index() -> None:
-    # Four entries share |2|; k = 3 takes the first three by index.
+def test_magnitude_tie_at_threshold_is_spread_over_the_tied_entries() -> None:
+    # Four entries share |2| (indices 1, 2, 3, 5), nothing is larger, k = 3: need 3 of T = 4.
+    # The j-th tied entry is kept when floor(3(j+1)/4) > floor(3j/4): 0 > 0 no, 1 > 0, 2 > 1,
+    # 3 > 2: j = 1, 2, 3, i.e. indices 2, 3, 5.
     delta = _t([1.0, -2.0, 2.0, -2.0, 0.5, 2.0])
-    assert torch.equal(magnitude(delta, 0.5), _t([0.0, -2.0, 2.0, -2.0, 0.0, 0.0]))
+    assert torch.equal(magnitude(delta, 0.5), _t([0.0, 0.0, 2.0, -2.0, 0.0, 2.0]))
 
 
 def test_magnitude_ranks_a_matrix_by_flat_index() -> None:
     delta = torch.tensor([[2.0, 1.0], [2.0, -2.0]])
-    # k = 2 among three |2| at flat indices 0, 2, 3: row-major order decides.
-    assert torch.equal(magnitude(delta, 0.5), torch.tensor([[2.0, 0.0], [2.0, 0.0]]))
+    # k = 2 among three |2| at flat indices 0, 2, 3 (row-major): need 2 of 3 keeps j = 1, 2
+    # (floor(4/3) = 1 > floor(2/3) = 0, floor(6/3) = 2 > 1), flat indices 2 and 3.
+    assert torch.equal(magnitude(delta, 0.5), torch.tensor([[0.0, 0.0], [2.0, -2.0]]))
+
+
+def test_magnitude_tie_spread_gives_every_row_its_share() -> None:
+    # Rows of |0.5| ties under a larger first column: k = 4 + 8 keeps the four 1s and 8 of the
+    # 16 tied entries; spread evenly (j odd) that is two per row, where keeping the lowest
+    # indices (round 1) kept rows 0 and 1 whole and nothing of rows 2 and 3.
+    delta = torch.full((4, 5), -0.5)
+    delta[:, 0] = 1.0
+    kept = magnitude(delta, 12 / 20) != 0
+    assert kept[:, 0].all()
+    assert kept[:, 1:].sum(dim=1).tolist() == [2, 2, 2, 2]
+    assert kept[0, 1:].tolist() == [False, True, False, True]
 
 
 def test_magnitude_keeps_at_least_one_entry() -> None:
@@ -130,6 +145,24 @@ def test_breadcrumbs_n_bot_clamps_at_zero() -> None:
     expected = CRUMBS.clone()
     expected[4] = 0.0
     assert torch.equal(magnitude_outliers(CRUMBS, 0.9, gamma=0.2), expected)
+
+
+def test_breadcrumbs_ties_at_either_bound_are_spread_over_their_run() -> None:
+    # |.|: 1 at indices 0, 3, 7; 2 at 1, 5, 8; 3 at 2, 4, 6, 9. N = 10, target 5, n_top 2,
+    # n_bot 3: ascending positions [3, 8) are the three 2s (positions 3-5) and two of the four
+    # 3s (positions 6-7 of the run's 6-9): need 2 of 4 keeps j = 1, 3 (floor(2(j+1)/4) steps
+    # up there), indices 4 and 9.
+    delta = _t([1.0, -2.0, 3.0, 1.0, -3.0, 2.0, 3.0, -1.0, 2.0, -3.0])
+    expected = _t([0.0, -2.0, 0.0, 0.0, -3.0, 2.0, 0.0, 0.0, 2.0, -3.0])
+    assert torch.equal(magnitude_outliers(delta, 0.5, gamma=0.2), expected)
+
+
+def test_breadcrumbs_window_inside_one_run_keeps_its_width_spread_over_the_run() -> None:
+    # Ten equal magnitudes, target 3, n_top 2, n_bot 5: the window [5, 8) lies inside the one
+    # run, which keeps 3 of 10: j = 3, 6, 9 (floor(3(j+1)/10) = 1, 2, 3 first there).
+    delta = _t([1.0, -1.0] * 5)
+    kept = magnitude_outliers(delta, 0.3, gamma=0.2)
+    assert [i for i in range(10) if kept[i] != 0] == [3, 6, 9]
 
 
 def test_breadcrumbs_density_one_passes_unchanged_even_with_gamma() -> None:
@@ -240,6 +273,16 @@ def test_della_one_dimensional_tensor_is_one_row() -> None:
         counts += (della_magprune(delta, 0.5, 0.2, _gen(seed)) != 0).float()
     for got, want in zip((counts / draws).tolist(), _della_expected(0.5, 0.2, 5), strict=True):
         assert abs(got - want) < 0.045
+
+
+def test_della_equal_magnitudes_share_their_mean_rank() -> None:
+    # Row |.| = [1, 1, 1, 1, 2]: the four 1s span ranks 0-3 and all take 1.5, so each is kept
+    # with 0.3 + 0.4 * 1.5 / 4 = 0.45 (ranking them by index gave 0.3, 0.4, 0.5, 0.6); the 2
+    # has rank 4: 0.7.
+    rows = torch.tensor([[1.0, -1.0, 1.0, -1.0, 2.0]] * 4000)
+    frequency = (della_magprune(rows, 0.5, 0.2, _gen(24)) != 0).float().mean(dim=0).tolist()
+    for got, want in zip(frequency, [0.45, 0.45, 0.45, 0.45, 0.7], strict=True):
+        assert abs(got - want) < 0.035, frequency
 
 
 def test_della_row_of_length_one_keeps_with_probability_density() -> None:

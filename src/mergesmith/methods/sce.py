@@ -23,10 +23,11 @@ SEMANTICS.md section 3 gives for magnitude trimming, so the kept share of a tied
 depend on the row it sits in.
 
 Memory stays flat: the work goes block by block (ops.blocks), in passes over the inputs. With a
-selection: one pass counts the nonzero variances, the rank cut (ops.rank_cut) sweeps to find
-the cut value (and, only when the cut splits a run of equal variances, one more pass counts that
-run), a pass sums each model's squared selected delta and keeps the selection as one bit per
-entry, and the last pass combines. Without a selection, only the last two. Variances are
+selection: one pass counts the nonzero variances, the rank cut (ops.rank_cut, which applies the
+same spread rule to the task-arithmetic family's magnitude cuts) sweeps to find the cut value
+and how many entries share it (and, only when the cut splits that run, one more pass counts it
+per block), a pass sums each model's squared selected delta and keeps the selection as one bit
+per entry, and the last pass combines. Without a selection, only the last two. Variances are
 recomputed in each pass that needs them rather than stored.
 """
 
@@ -51,13 +52,12 @@ from mergesmith.ops import float_masks as fm
 from mergesmith.ops.blocks import BLOCK, block_ranges
 from mergesmith.ops.consensus import elect_sign
 from mergesmith.ops.rank_cut import CutRequest, find_cuts, sample_positions
+from mergesmith.ops.select import spread_mask
 
 # mergekit's constants: below this sum of mean squares the weights are uniform; the divisor of
 # the erased mean never goes below this.
 UNIFORM_BELOW = 1e-6
 DIVISOR_FLOOR = 1e-6
-# A rank cut's `index` at or past this means every entry equal to its key is kept.
-_WHOLE_RUN = 2**62
 
 
 def _memory(job: JobSize) -> int:
@@ -181,10 +181,8 @@ class _VarianceCut:
         tied = var == self.value
         count = int(tied.sum())
         if count:
-            # 1-based rank of each tied entry among all tied entries so far.
-            rank = torch.cumsum(tied, 0, dtype=torch.int64).add_(seen)
-            chosen = (rank * self.need) // self.tied > ((rank - 1) * self.need) // self.tied
-            keep.add_((chosen & tied).to(keep.dtype))
+            phase = seen * self.need % self.tied
+            keep.add_(spread_mask(tied, self.need, self.tied, phase).to(keep.dtype))
         return keep, seen + count
 
 
@@ -215,15 +213,9 @@ def _variance_cut(
     (found,) = request.cuts
     assert found is not None
     value = -found.key
-    if found.index >= _WHOLE_RUN:
+    if found.keeps_all_tied:
         return _VarianceCut(value, all_tied=True)
-    # The cut splits a run of equal variances: count the run and what lies above it.
-    above = tied = 0
-    for _, start, end in block_ranges(n):
-        var = _variance(_deltas(base, models, start, end)[1])
-        above += int((var > value).sum())
-        tied += int((var == value).sum())
-    return _VarianceCut(value, need=k - above, tied=tied)
+    return _VarianceCut(value, need=found.need, tied=found.tied)
 
 
 def _weights(

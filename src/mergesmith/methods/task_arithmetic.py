@@ -34,12 +34,10 @@ from mergesmith.ops.rank_cut import (
     CutRequest,
     NativeKeys,
     UnorderedKeys,
-    at_or_after,
-    at_or_before,
     find_cuts,
     sample_positions,
 )
-from mergesmith.ops.select import stable_ranks
+from mergesmith.ops.select import tie_averaged_ranks
 from mergesmith.ops.sparsify import RESCALE_EPS
 
 CONSENSUS_METHODS = ("sum", "count")
@@ -264,22 +262,20 @@ def _keep_small(delta: torch.Tensor, limit: float, *, inclusive: bool) -> torch.
 def _cut_mask(
     magnitude: torch.Tensor, start: int, cut: Cut, *, upper: bool, descending: bool
 ) -> torch.Tensor:
-    """Float mask of the entries on the kept side of a cut in (key, index) order, where the key
-    is |delta| (or -|delta| when `descending`)."""
+    """Float mask of the entries on the kept side of a cut, where the key is |delta| (or
+    -|delta| when `descending`): those strictly inside, and the cut's share of those equal to
+    its key (spread over the whole tensor, see ops.rank_cut.Cut)."""
+    limit = -cut.key if descending else cut.key  # the cut as a magnitude
+    # The kept side in magnitudes: key <= v is |delta| >= -v when descending.
+    larger_kept = descending == upper
     end = start + magnitude.numel()
-    if start <= cut.index < end:
-        # The block where equal keys straddle the cut: decide by index too (rare, so bool ops).
-        keys = magnitude.neg() if descending else magnitude
-        side = at_or_before if upper else at_or_after
-        return side(keys, start, cut).to(magnitude.dtype)
-    equal_kept = cut.index >= end if upper else cut.index < start
-    if descending:
-        # key <= v  <=>  |delta| >= -v
-        limit = -cut.key
-        return fm.at_least(magnitude, limit) if equal_kept else fm.above(magnitude, limit)
-    if upper:
-        return fm.at_most(magnitude, cut.key) if equal_kept else fm.below(magnitude, cut.key)
-    return fm.at_least(magnitude, cut.key) if equal_kept else fm.above(magnitude, cut.key)
+    if cut.splits(start, end):
+        tied = magnitude == limit
+        strict = magnitude > limit if larger_kept else magnitude < limit
+        return (strict | cut.tied_kept(tied, start)).to(magnitude.dtype)
+    if larger_kept:
+        return fm.at_least(magnitude, limit) if cut.keeps_all_tied else fm.above(magnitude, limit)
+    return fm.at_most(magnitude, limit) if cut.keeps_all_tied else fm.below(magnitude, limit)
 
 
 # Sparsifiers whose masks are drawn from a generator, not cut by magnitude.
@@ -378,6 +374,14 @@ class ModelPlan:
         first, last = request.ranks
         self.lower = lower if first > 0 else None
         self.upper = upper if last < n - 1 else None
+        if self.lower is not None and self.upper is not None and self.lower.key == self.upper.key:
+            # Both ends of the window in one run: it keeps last - first + 1 of its entries
+            # (lower.need + upper.need - tied), spread over the whole run. The lower cut carries
+            # that share; the upper one keeps every tied entry and still drops larger keys.
+            both = self.lower.need + self.upper.need - self.lower.tied
+            cut = self.lower if self.lower.tied_before else self.upper
+            self.lower = Cut(cut.key, both, cut.tied, cut.block, cut.tied_before)
+            self.upper = Cut(cut.key, cut.tied, cut.tied)
 
     def measure_rescale(
         self, base: torch.Tensor, model: torch.Tensor, n: int, block: int, shape2d: tuple[int, int]
@@ -457,7 +461,7 @@ class ModelPlan:
         width = shape2d[1]
         rows = magnitude.reshape(-1, width)
         if width > 1:
-            position = stable_ranks(rows).to(torch.float32).div_(width - 1)
+            position = tie_averaged_ranks(rows).div_(width - 1)
             probability = position.mul_(2 * self.epsilon).add_(self.density - self.epsilon)
         else:
             # One entry has no rank spread; mergekit divides 0/0 here.
@@ -493,30 +497,31 @@ class ModelPlan:
             trim.mode = native.TRIM_GIVEN  # the caller supplies drawn_keep's mask
             return trim
         cuts = [c for c in (self.lower, self.upper) if c is not None]
-        if any(start <= c.index < end for c in cuts):
+        if any(c.splits(start, end) for c in cuts):
             trim.mode, trim.descending = native.TRIM_MASK, int(self.kind == "magnitude")
-            # Indices past either end (-1, 2**62) mean every equal key is kept; int64 holds both.
             if self.lower is not None:
                 trim.has_lower, trim.lower_key = 1, self.lower.key
-                trim.lower_index = self.lower.index
+                trim.lower_need, trim.lower_tied = self.lower.need, self.lower.tied
+                trim.lower_phase = self.lower.phase(start)
             if self.upper is not None:
                 trim.has_upper, trim.upper_key = 1, self.upper.key
-                trim.upper_index = self.upper.index
+                trim.upper_need, trim.upper_tied = self.upper.need, self.upper.tied
+                trim.upper_phase = self.upper.phase(start)
             return trim
         # The same limits as _trim_by_cuts, as hardshrink thresholds.
         trim.mode = native.TRIM_SHRINK
         if self.kind == "magnitude":
             assert self.upper is not None
-            large = _large_limit(-self.upper.key, inclusive=self.upper.index >= end)
+            large = _large_limit(-self.upper.key, inclusive=self.upper.keeps_all_tied)
             if large is not None:
                 trim.has_large, trim.large = 1, large
             return trim
         if self.lower is not None:
-            large = _large_limit(self.lower.key, inclusive=self.lower.index < start)
+            large = _large_limit(self.lower.key, inclusive=self.lower.keeps_all_tied)
             if large is not None:
                 trim.has_large, trim.large = 1, large
         if self.upper is not None:
-            small = _small_limit(self.upper.key, inclusive=self.upper.index >= end)
+            small = _small_limit(self.upper.key, inclusive=self.upper.keeps_all_tied)
             if small is None:
                 trim.small_mode = native.SMALL_ZEROS
             else:
@@ -524,22 +529,23 @@ class ModelPlan:
         return trim
 
     def _trim_by_cuts(self, delta: torch.Tensor, start: int) -> torch.Tensor | None:
-        """Magnitude cuts as hardshrink, one fused op, in every block no tie run is split in."""
+        """Magnitude cuts as hardshrink, one fused op, in every block holding no part of a tie
+        run that a cut splits (there, equal keys are all kept or all dropped)."""
         if self.kind not in ("magnitude", "magnitude_outliers") or self.keep_none:
             return None
         end = start + delta.numel()
         cuts = [c for c in (self.lower, self.upper) if c is not None]
-        if any(start <= c.index < end for c in cuts):
+        if any(c.splits(start, end) for c in cuts):
             return None
         if self.kind == "magnitude":
             assert self.upper is not None
-            # key = -|delta| <= v  <=>  |delta| >= -v; equal keys kept when the cut is after.
-            return _keep_large(delta, -self.upper.key, inclusive=self.upper.index >= end)
+            # key = -|delta| <= v  <=>  |delta| >= -v.
+            return _keep_large(delta, -self.upper.key, inclusive=self.upper.keeps_all_tied)
         kept = delta
         if self.lower is not None:
-            kept = _keep_large(kept, self.lower.key, inclusive=self.lower.index < start)
+            kept = _keep_large(kept, self.lower.key, inclusive=self.lower.keeps_all_tied)
         if self.upper is not None:
-            kept = _keep_small(kept, self.upper.key, inclusive=self.upper.index >= end)
+            kept = _keep_small(kept, self.upper.key, inclusive=self.upper.keeps_all_tied)
         return kept
 
 

@@ -12,6 +12,7 @@ import ctypes
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
+from dataclasses import dataclass
 from functools import cache
 
 import torch
@@ -37,10 +38,14 @@ class Trim(ctypes.Structure):
         ("descending", ctypes.c_int32),
         ("has_lower", ctypes.c_int32),
         ("lower_key", ctypes.c_float),
-        ("lower_index", ctypes.c_int64),
+        ("lower_need", ctypes.c_int64),
+        ("lower_tied", ctypes.c_int64),
+        ("lower_phase", ctypes.c_int64),
         ("has_upper", ctypes.c_int32),
         ("upper_key", ctypes.c_float),
-        ("upper_index", ctypes.c_int64),
+        ("upper_need", ctypes.c_int64),
+        ("upper_tied", ctypes.c_int64),
+        ("upper_phase", ctypes.c_int64),
         ("has_factor", ctypes.c_int32),
         ("factor", ctypes.c_float),
         ("weight", ctypes.c_float),
@@ -84,12 +89,12 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_family_block.restype = ctypes.c_int
     lib.ms_linear_block.argtypes = [p, p, p, i32, i64, i64, i32, f32, p, i32]
     lib.ms_linear_block.restype = ctypes.c_int
-    lib.ms_bracket_sweep.argtypes = [p, i32, p, i32, i64, i32, f32, f32, p, p, p, i64, p]
+    lib.ms_bracket_sweep.argtypes = [
+        p, i32, p, i32, i64, i32, f32, f32, p, p, p, i64, p, i64, p, p,
+    ]  # fmt: skip
     lib.ms_bracket_sweep.restype = ctypes.c_int
     lib.ms_sample_keys.argtypes = [p, i32, p, i32, i64, i32, i64, p]
     lib.ms_sample_keys.restype = None
-    lib.ms_locate_equal.argtypes = [p, i32, p, i32, i64, i32, f32, i64]
-    lib.ms_locate_equal.restype = ctypes.c_int64
     return lib
 
 
@@ -191,24 +196,39 @@ def _combine_into(kernel, arguments: tuple, out: torch.Tensor) -> None:
         raise KernelError("no memory for the kernel's scratch buffers")
 
 
+@dataclass(frozen=True)
+class Sweep:
+    """One bracket's counts over all of the keys (see bracket_sweep)."""
+
+    tally: list[int]  # keys below lo, equal to lo, equal to hi
+    values: torch.Tensor  # the keys strictly between lo and hi, in index order...
+    indices: torch.Tensor  # ...and their flat indices
+    lo_blocks: list[int]  # keys equal to lo in each block
+    hi_blocks: list[int]  # keys equal to hi in each block
+
+
 def bracket_sweep(
     base: torch.Tensor,
     model: torch.Tensor,
     descending: bool,
     lo: float,
     hi: float,
-) -> tuple[list[int], torch.Tensor, torch.Tensor] | None:
+    block: int,
+) -> Sweep | None:
     """Over all of |model - base| (negated when descending): counts below lo, equal to lo and
-    equal to hi, and the keys strictly between with their flat indices, in index order. None
-    when a key is NaN (the keys have no order)."""
+    equal to hi (those two also per block of `block` entries), and the keys strictly between
+    with their flat indices, in index order. None when a key is NaN (the keys have no order)."""
     lib = _loaded()
     n = base.numel()
+    blocks = max(1, -(-n // block))
     capacity = min(n, max(4096, n // 32))
     tally = (ctypes.c_int64 * 3)()
     found = ctypes.c_int64(0)
     while True:
         values = torch.empty(capacity + 1, dtype=torch.float32)
         indices = torch.empty(capacity + 1, dtype=torch.int64)
+        lo_blocks = torch.zeros(blocks, dtype=torch.int64)
+        hi_blocks = torch.zeros(blocks, dtype=torch.int64)
         status = lib.ms_bracket_sweep(
             base.data_ptr(),
             _DTYPES[base.dtype],
@@ -223,31 +243,21 @@ def bracket_sweep(
             indices.data_ptr(),
             capacity,
             ctypes.byref(found),
+            block,
+            lo_blocks.data_ptr(),
+            hi_blocks.data_ptr(),
         )
         if status != 0:
             return None
         if found.value <= capacity:
-            return list(tally), values[: found.value], indices[: found.value]
+            return Sweep(
+                list(tally),
+                values[: found.value],
+                indices[: found.value],
+                lo_blocks.tolist(),
+                hi_blocks.tolist(),
+            )
         capacity = found.value
-
-
-def locate_equal(
-    base: torch.Tensor, model: torch.Tensor, descending: bool, key: float, among: int
-) -> int:
-    """The flat index of the `among`-th entry (from 0) whose key equals `key`; -1 if none."""
-    lib = _loaded()
-    return int(
-        lib.ms_locate_equal(
-            base.data_ptr(),
-            _DTYPES[base.dtype],
-            model.data_ptr(),
-            _DTYPES[model.dtype],
-            base.numel(),
-            int(descending),
-            key,
-            among,
-        )
-    )
 
 
 def sample_keys(

@@ -18,7 +18,7 @@
 #include <string.h>
 
 /* Bumped whenever a signature or a struct below changes; the loader refuses a stale build. */
-#define MS_ABI 4
+#define MS_ABI 5
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
@@ -102,7 +102,7 @@ enum {
     TRIM_KEEP_ALL = 0,  /* no sparsifier, or density 1 */
     TRIM_TIMES_ZERO = 1, /* nothing kept: delta * 0, so NaN stays NaN */
     TRIM_SHRINK = 2,     /* hardshrink-style cuts, in blocks no tie run is split in */
-    TRIM_MASK = 3,       /* exact (key, index) cuts, in the block where a tie run is split */
+    TRIM_MASK = 3,       /* exact cuts, in blocks holding a tie run that a cut splits */
     TRIM_GIVEN = 4,      /* delta * keep[i], a 0/1 mask drawn by torch (DARE, DELLA) */
     TRIM_GIVEN_BITS = 5, /* the same mask as bits: entry i is bit i % 8 of byte i / 8 */
 };
@@ -117,12 +117,16 @@ typedef struct {
     int32_t small_mode;  /* TRIM_SHRINK then: delta - hardshrink(delta, small), or zeros */
     float small;
     int32_t descending;  /* TRIM_MASK: key = -|delta| (else |delta|) */
-    int32_t has_lower;   /* keep (key, index) >= (lower_key, lower_index) */
+    int32_t has_lower;   /* keep key > lower_key, and of the keys equal to it ... */
     float lower_key;
-    int64_t lower_index;
-    int32_t has_upper;   /* keep (key, index) <= (upper_key, upper_index) */
+    int64_t lower_need;  /* ... `need` of the `tied`, spread evenly (see spread_cut) */
+    int64_t lower_tied;
+    int64_t lower_phase; /* (tied entries before this block * need) mod tied */
+    int32_t has_upper;   /* keep key < upper_key, and the spread share of those equal to it */
     float upper_key;
-    int64_t upper_index;
+    int64_t upper_need;
+    int64_t upper_tied;
+    int64_t upper_phase;
     int32_t has_factor;  /* rescale */
     float factor;
     float weight;
@@ -133,8 +137,38 @@ static inline float hardshrink(float x, float limit) {
     return (x >= -limit && x <= limit) ? 0.0f : x;
 }
 
-HELPER void trim_chunk(const Trim *t, float *restrict d, int64_t first_index, int64_t count,
-                       int64_t into_block) {
+/*
+ * The spread rule of SEMANTICS.md 3 over one chunk: of a cut's `tied` entries equal to `key`
+ * in flat-index order, the j-th is kept when floor((j+1) need / tied) > floor(j need / tied),
+ * i.e. when (j need mod tied) + need >= tied. `*phase` holds j need mod tied for the next tied
+ * entry and is carried from chunk to chunk. Sets keep[i] = 1 for the tied entries kept (the
+ * others are left as they are). The entries are compared 32 at a time into a bit mask, and
+ * the rule's carried state steps only over the set bits: ties are often a fifth of a chunk.
+ */
+HELPER void spread_cut(const float *restrict keys, float key, int64_t need, int64_t tied,
+                       int64_t *phase, float *restrict keep, int64_t count) {
+    int64_t r = *phase;
+    for (int64_t group = 0; group < count; group += 32) {
+        int64_t m = count - group < 32 ? count - group : 32;
+        const float *restrict k = keys + group;
+        uint32_t bits = 0;
+        for (int64_t i = 0; i < m; i++) bits |= (uint32_t)(k[i] == key) << i;
+        while (bits != 0) {
+            int i = __builtin_ctz(bits);
+            bits &= bits - 1;
+            r += need;
+            int take = r >= tied;
+            r -= take ? tied : 0;
+            keep[group + i] = take ? 1.0f : keep[group + i];
+        }
+    }
+    *phase = r;
+}
+
+/* `t` is the kernel's own copy: TRIM_MASK carries the spread rule's state in it from chunk to
+ * chunk. `keys` and `keep` are CHUNK-sized scratch. */
+HELPER void trim_chunk(Trim *t, float *restrict d, int64_t count, int64_t into_block,
+                       float *restrict keys, float *restrict keep) {
     switch (t->mode) {
     case TRIM_GIVEN: {
         const float *restrict keep = (const float *)t->keep + into_block;
@@ -165,20 +199,22 @@ HELPER void trim_chunk(const Trim *t, float *restrict d, int64_t first_index, in
         break;
     }
     case TRIM_MASK: {
-        /* Bitwise, not short-circuit, logic: no data-dependent branches. */
+        /* Strictly inside both cuts, branch-free; then the tied entries each cut keeps. */
         const float sign = t->descending ? -1.0f : 1.0f;
         const int has_lower = t->has_lower, has_upper = t->has_upper;
         const float lower_key = t->lower_key, upper_key = t->upper_key;
-        const int64_t lower_index = t->lower_index, upper_index = t->upper_index;
-        for (int64_t i = 0; i < count; i++) {
-            float key = sign * fabsf(d[i]);
-            int64_t index = first_index + i;
-            int after = !has_lower | (key > lower_key) | ((key == lower_key) & (index >= lower_index));
-            int before =
-                !has_upper | (key < upper_key) | ((key == upper_key) & (index <= upper_index));
-            float keep = has_lower ? (float)after : 1.0f;
-            if (has_upper) keep = keep * (float)before;
-            d[i] = d[i] * keep;
+        for (int64_t i = 0; i < count; i++) keys[i] = sign * fabsf(d[i]);
+        if (has_lower) {
+            for (int64_t i = 0; i < count; i++) keep[i] = (float)(keys[i] > lower_key);
+            spread_cut(keys, lower_key, t->lower_need, t->lower_tied, &t->lower_phase, keep,
+                       count);
+            for (int64_t i = 0; i < count; i++) d[i] = d[i] * keep[i];
+        }
+        if (has_upper) {
+            for (int64_t i = 0; i < count; i++) keep[i] = (float)(keys[i] < upper_key);
+            spread_cut(keys, upper_key, t->upper_need, t->upper_tied, &t->upper_phase, keep,
+                       count);
+            for (int64_t i = 0; i < count; i++) d[i] = d[i] * keep[i];
         }
         break;
     }
@@ -220,13 +256,22 @@ KERNEL int ms_family_block(const void *base, int32_t base_dtype, const void *con
                     const int32_t *model_dtypes, int32_t k, const Trim *trims, int64_t start,
                     int64_t count, int32_t consensus, int32_t normalize, float plain_divisor,
                     int32_t has_lambda, float lambda, void *out, int32_t out_dtype) {
-    float *scratch = malloc(sizeof(float) * CHUNK * (size_t)(k + 4));
+    /* Floats: base, mixed, total, divisor, keys, keep, one delta per model; then the kernel's
+     * own copy of the trims. */
+    size_t floats = (size_t)CHUNK * (size_t)(k + 6);
+    size_t bytes = sizeof(float) * floats + sizeof(Trim) * (size_t)k;
+    float *scratch = malloc(bytes + _Alignof(Trim));
     if (scratch == NULL) return -1;
     float *b = scratch;
     float *mixed = scratch + CHUNK;
     float *total = scratch + 2 * CHUNK;
     float *divisor = scratch + 3 * CHUNK;
-    float *deltas = scratch + 4 * CHUNK;
+    float *keys = scratch + 4 * CHUNK;
+    float *keep = scratch + 5 * CHUNK;
+    float *deltas = scratch + 6 * CHUNK;
+    uintptr_t after = (uintptr_t)(scratch + floats);
+    Trim *own = (Trim *)((after + _Alignof(Trim) - 1) / _Alignof(Trim) * _Alignof(Trim));
+    memcpy(own, trims, sizeof(Trim) * (size_t)k);
     for (int64_t at = 0; at < count; at += CHUNK) {
         int64_t n = count - at < CHUNK ? count - at : CHUNK;
         int64_t offset = start + at;
@@ -235,7 +280,7 @@ KERNEL int ms_family_block(const void *base, int32_t base_dtype, const void *con
             float *d = deltas + (size_t)j * CHUNK;
             load_f32(models[j], model_dtypes[j], offset, n, d);
             for (int64_t i = 0; i < n; i++) d[i] = d[i] - b[i];
-            trim_chunk(&trims[j], d, offset, n, at);
+            trim_chunk(&own[j], d, n, at, keys, keep);
         }
         if (consensus == CONSENSUS_NONE) {
             memcpy(mixed, deltas, sizeof(float) * (size_t)n);
@@ -320,16 +365,21 @@ HELPER void keys_of(const void *base, int32_t base_dtype, const void *model, int
  * counts the keys below lo, equal to lo and (when lo != hi) equal to hi, and collects the keys
  * strictly between, with their flat indices, in index order, up to `capacity` of them (the
  * buffers hold capacity + 1: stores are unconditional). *found is the number strictly between,
- * even past capacity. Returns 0, or 1 when a key is NaN (the keys have no order).
+ * even past capacity. The keys equal to lo and to hi are also counted per block of `block`
+ * entries, into lo_blocks and hi_blocks (zeroed by the caller): a cut inside such a run keeps
+ * a share of it spread over the blocks. Returns 0, or 1 when a key is NaN (no order).
  */
 KERNEL int ms_bracket_sweep(const void *base, int32_t base_dtype, const void *model,
                      int32_t model_dtype, int64_t n, int32_t descending, float lo, float hi,
                      int64_t *tally, float *values, int64_t *indices, int64_t capacity,
-                     int64_t *found) {
+                     int64_t *found, int64_t block, int64_t *lo_blocks, int64_t *hi_blocks) {
     float b[CHUNK], keys[CHUNK];
     int64_t below = 0, equal_lo = 0, equal_hi = 0, inside = 0;
-    for (int64_t at = 0; at < n; at += CHUNK) {
+    int64_t at = 0;
+    while (at < n) {
+        /* A chunk never straddles two blocks. */
         int64_t m = n - at < CHUNK ? n - at : CHUNK;
+        if (m > block - at % block) m = block - at % block;
         keys_of(base, base_dtype, model, model_dtype, at, m, descending, b, keys);
         int32_t chunk_below = 0, chunk_equal = 0, unordered = 0;
         for (int64_t i = 0; i < m; i++) {
@@ -339,6 +389,7 @@ KERNEL int ms_bracket_sweep(const void *base, int32_t base_dtype, const void *mo
         }
         below += chunk_below;
         equal_lo += chunk_equal;
+        lo_blocks[at / block] += chunk_equal;
         if (lo != hi) {
             int32_t chunk_inside = 0;
             chunk_equal = 0;
@@ -347,6 +398,7 @@ KERNEL int ms_bracket_sweep(const void *base, int32_t base_dtype, const void *mo
                 chunk_inside += (keys[i] > lo) & (keys[i] < hi);
             }
             equal_hi += chunk_equal;
+            hi_blocks[at / block] += chunk_equal;
             if (chunk_inside > 0 && inside + chunk_inside <= capacity) {
                 int64_t at_slot = inside;
                 for (int64_t i = 0; i < m; i++) {
@@ -358,6 +410,7 @@ KERNEL int ms_bracket_sweep(const void *base, int32_t base_dtype, const void *mo
             inside += chunk_inside;
         }
         if (unordered) return 1;
+        at += m;
     }
     tally[0] = below;
     tally[1] = equal_lo;
@@ -377,26 +430,6 @@ KERNEL void ms_sample_keys(const void *base, int32_t base_dtype, const void *mod
         load_f32(model, model_dtype, at, 1, &m);
         out[i] = sign * fabsf(m - b);
     }
-}
-
-/* The flat index of the `among`-th (from 0) key equal to `key`, or -1 when there are fewer. */
-KERNEL int64_t ms_locate_equal(const void *base, int32_t base_dtype, const void *model,
-                        int32_t model_dtype, int64_t n, int32_t descending, float key,
-                        int64_t among) {
-    float b[CHUNK], keys[CHUNK];
-    int64_t seen = 0;
-    for (int64_t at = 0; at < n; at += CHUNK) {
-        int64_t m = n - at < CHUNK ? n - at : CHUNK;
-        keys_of(base, base_dtype, model, model_dtype, at, m, descending, b, keys);
-        int32_t here = 0;
-        for (int64_t i = 0; i < m; i++) here += keys[i] == key;
-        if (seen + here > among) {
-            for (int64_t i = 0; i < m; i++)
-                if (keys[i] == key && seen++ == among) return at + i;
-        }
-        seen += here;
-    }
-    return -1;
 }
 
 int ms_abi(void) { return MS_ABI; }

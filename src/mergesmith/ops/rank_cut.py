@@ -1,18 +1,21 @@
 """Exact rank cuts over tensors read block by block, in about one pass.
 
-A cut is the entry at rank r when entries are ordered by (key, flat index) ascending: equal keys
-are ordered by index, so the kept set is exact and machine-independent. A strided sample
-brackets each cut's key; one sweep counts the entries below the bracket and at its two ends and
-collects the few strictly inside; a quickselect among those gives the key. Only a cut that
-splits a run of equal keys needs its index found, by a count-then-locate rescan. If a bracket
-misses (rare), it widens and the sweep reruns.
+A cut is the entry at rank r when entries are ordered by key ascending. Where the cut splits a
+run of equal keys, the run's entries on the kept side are not the first ones by index: the
+`need` of its T entries that the cut keeps are spread evenly over the run in flat-index order
+(SEMANTICS.md 3, `ops.select.spread_mask`), so the kept set is exact, machine-independent and
+fair to every row. A strided sample brackets each cut's key; one sweep counts the entries below
+the bracket and at its two ends (those per block too, so that each block can later decide its
+share of a split run alone) and collects the few strictly inside; a quickselect among those
+gives the key. If a bracket misses (rare), it widens and the sweep reruns.
 
-Requests whose keys the C kernels can compute themselves (`NativeKeys`) sweep and rescan there,
-a pass each at memory speed; the others run the torch code below. Both count the same entries.
+Requests whose keys the C kernels can compute themselves (`NativeKeys`) sweep there, a pass
+each at memory speed; the others run the torch code below. Both count the same entries.
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,16 +24,48 @@ import torch
 
 from mergesmith import native
 from mergesmith.ops.blocks import block_ranges
+from mergesmith.ops.select import spread_mask
 
 SAMPLE = 1 << 16
 
 
 @dataclass(frozen=True)
 class Cut:
-    """A position in (key, index) order: `index` may be -1 or n when every equal key counts."""
+    """A cut at a run of equal keys: every entry strictly on the kept side of `key` is kept,
+    and `need` of the `tied` entries equal to it, spread evenly over them in flat-index order.
+
+    `tied_before[b]` counts the tied entries before block b (blocks of `block` entries; one
+    more item holds the total), so any block can be decided alone. Only a cut that keeps some
+    but not all of its run has them."""
 
     key: float
-    index: int
+    need: int
+    tied: int
+    block: int = 0
+    tied_before: tuple[int, ...] = ()
+
+    @property
+    def keeps_all_tied(self) -> bool:
+        return self.need >= self.tied
+
+    def splits(self, start: int, end: int) -> bool:
+        """Whether block [start, end) holds tied entries of which only some are kept."""
+        if self.need <= 0 or self.keeps_all_tied:
+            return False
+        number = start // self.block
+        assert start == number * self.block, "blocks must start where the cut's blocks do"
+        return self.tied_before[number + 1] > self.tied_before[number]
+
+    def phase(self, start: int) -> int:
+        """The spread rule's state at the block starting at `start`: (tied entries before it *
+        need) mod tied (see spread_mask); 0 when the cut keeps all or none of its run."""
+        if not self.tied_before:
+            return 0
+        return self.tied_before[start // self.block] * self.need % self.tied
+
+    def tied_kept(self, tied: torch.Tensor, start: int) -> torch.Tensor:
+        """Which of a block's entries equal to `key` (`tied`, 1-D bool) the cut keeps."""
+        return spread_mask(tied, self.need, self.tied, self.phase(start))
 
 
 # (start, end, base block as float32) -> float32 keys of that block
@@ -39,8 +74,9 @@ KeyFn = Callable[[int, int, torch.Tensor], torch.Tensor]
 
 @dataclass
 class CutRequest:
-    """Cuts wanted over one key function: `ranks[i]` is an upper cut (keep at or before it)
-    when `upper[i]`, else a lower cut (keep at or after it)."""
+    """Cuts wanted over one key function: `ranks[i]` is an upper cut (keep the ranks at or
+    before it) when `upper[i]`, else a lower cut (keep those at or after it); a run of equal
+    keys the rank falls in keeps its share, spread (see Cut)."""
 
     keys: KeyFn
     sample: torch.Tensor
@@ -68,9 +104,11 @@ def find_cuts(
 ) -> None:
     """Fill each request's `cuts`, sweeping the blocks once for all requests together.
 
-    Per bracket [lo, hi] the sweep counts entries below lo, equal to lo and equal to hi, and
-    collects only those strictly between: low-precision deltas (bf16) have few distinct values,
-    so equal keys are common and counting them is far cheaper than collecting them.
+    Per bracket [lo, hi] the sweep counts entries below lo, equal to lo and equal to hi (those
+    two per block too), and collects only those strictly between: low-precision deltas (bf16)
+    have few distinct values, so equal keys are common and counting them is far cheaper than
+    collecting them. A cut at lo or hi that splits its run has that run's per-block counts
+    from the same sweep; one strictly inside has the run's indices.
     """
     brackets: dict[tuple[int, int], tuple[float, float]] = {}
     for r, req in enumerate(requests):
@@ -79,12 +117,13 @@ def find_cuts(
             brackets[r, c] = _bracket(req.sample, rank / max(1, n - 1))
     while brackets:
         if all(req.native is not None for req in requests):
-            tallies, found = _sweep_native(requests, brackets)
+            tallies, found = _sweep_native(requests, brackets, block)
         else:
             tallies, found = _sweep(requests, brackets, n, block, base_block)
         for (r, c), (lo, hi) in list(brackets.items()):
             req = requests[r]
-            below, equal_lo, equal_hi = tallies[r, c]
+            tally = tallies[r, c]
+            below, equal_lo, equal_hi = tally.below, tally.equal_lo, tally.equal_hi
             if lo == hi:
                 equal_hi = equal_lo
             values = torch.cat([v for v, _ in found[r, c]]) if found[r, c] else torch.empty(0)
@@ -98,20 +137,50 @@ def find_cuts(
                 continue
             del brackets[r, c]
             if offset < equal_lo:
-                req.cuts[c] = _tie_cut(req, c, lo, offset, equal_lo, n, block, base_block)
+                cut = _run_cut(req.upper[c], lo, offset, equal_lo, tally.lo_blocks, block)
             elif offset < equal_lo + inside:
                 key = float(torch.kthvalue(values, offset - equal_lo + 1).values)
                 less = int((values < key).sum())
-                # Candidates are in index order, so equal keys are too.
+                # Every entry strictly inside the bracket was collected, so these are the run.
                 equal_at = torch.cat([i for _, i in found[r, c]])[values == key]
+                per_block = torch.bincount(equal_at.long() // block, minlength=-(-n // block))
                 among = offset - equal_lo - less
-                req.cuts[c] = _place(req.upper[c], key, among, equal_at.numel(), equal_at)
+                cut = _run_cut(
+                    req.upper[c], key, among, equal_at.numel(), per_block.tolist(), block
+                )
             else:
                 among = offset - equal_lo - inside
-                req.cuts[c] = _tie_cut(req, c, hi, among, equal_hi, n, block, base_block)
+                cut = _run_cut(req.upper[c], hi, among, equal_hi, tally.hi_blocks, block)
+            req.cuts[c] = cut
 
 
-Tallies = dict[tuple[int, int], list[int]]
+def _run_cut(
+    upper: bool, key: float, among: int, equal: int, per_block: list[int], block: int
+) -> Cut:
+    """The cut at the `among`-th (from 0) of the `equal` entries of a run, in key order: an
+    upper cut keeps the run's first among + 1 places, a lower one its last equal - among.
+    `per_block` counts the run's entries in each block; kept only when the cut splits it."""
+    cut = Cut(key, among + 1 if upper else equal - among, equal)
+    if cut.keeps_all_tied:
+        return cut
+    before = (0, *itertools.accumulate(per_block))
+    if before[-1] != equal:
+        raise AssertionError("the run's per-block counts do not add up to its size")
+    return Cut(cut.key, cut.need, cut.tied, block, before)
+
+
+@dataclass
+class _Tally:
+    """One bracket's counts over the whole tensor."""
+
+    below: int = 0
+    equal_lo: int = 0
+    equal_hi: int = 0
+    lo_blocks: list[int] = field(default_factory=list)  # equal to lo, per block
+    hi_blocks: list[int] = field(default_factory=list)  # equal to hi, per block
+
+
+Tallies = dict[tuple[int, int], _Tally]
 Found = dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]]
 
 
@@ -124,7 +193,7 @@ def _sweep(
 ) -> tuple[Tallies, Found]:
     """Per bracket: entries below lo, equal to lo, equal to hi, and those strictly inside."""
     index_dtype = torch.int32 if n < 2**31 else torch.int64
-    tallies: Tallies = {key: [0, 0, 0] for key in brackets}
+    tallies: Tallies = {key: _Tally() for key in brackets}
     found: Found = {key: [] for key in brackets}
     for _, start, end in block_ranges(n, block):
         b = base_block(start, end)
@@ -144,13 +213,16 @@ def _sweep(
                 # fewer than 2^24 entries). Small tensors kept per block would pin freed
                 # blocks in the heap and make memory grow with the tensor.
                 tally = tallies[r, c]
-                tally[0] += _count(side_lo.neg().clamp_(min=0).sum())
-                tally[1] += (end - start) - _count(side_lo.abs().sum())
+                tally.below += _count(side_lo.neg().clamp_(min=0).sum())
+                tally.lo_blocks.append((end - start) - _count(side_lo.abs().sum()))
+                tally.equal_lo += tally.lo_blocks[-1]
                 if lo == hi:
                     # Low-precision deltas often bracket a single value: nothing between.
+                    tally.hi_blocks.append(tally.lo_blocks[-1])
                     continue
                 side_hi = torch.sub(keys, hi).sign_()
-                tally[2] += (end - start) - _count(side_hi.abs().sum())
+                tally.hi_blocks.append((end - start) - _count(side_hi.abs().sum()))
+                tally.equal_hi += tally.hi_blocks[-1]
                 strictly_inside = side_lo.sub_(side_hi).sub_(1).clamp_(min=0)
                 where = strictly_inside.bool().nonzero().squeeze(1)
                 if where.numel():
@@ -159,7 +231,7 @@ def _sweep(
 
 
 def _sweep_native(
-    requests: list[CutRequest], brackets: dict[tuple[int, int], tuple[float, float]]
+    requests: list[CutRequest], brackets: dict[tuple[int, int], tuple[float, float]], block: int
 ) -> tuple[Tallies, Found]:
     """The same counts from the C kernel, one pass per bracket."""
     tallies: Tallies = {}
@@ -167,11 +239,12 @@ def _sweep_native(
     for (r, c), (lo, hi) in brackets.items():
         source = requests[r].native
         assert source is not None
-        result = native.bracket_sweep(source.base, source.model, source.descending, lo, hi)
-        if result is None:
+        sweep = native.bracket_sweep(source.base, source.model, source.descending, lo, hi, block)
+        if sweep is None:
             raise UnorderedKeys("NaN among the keys")
-        tallies[r, c], values, indices = result
-        found[r, c] = [(values, indices)] if values.numel() else []
+        below, equal_lo, equal_hi = sweep.tally
+        tallies[r, c] = _Tally(below, equal_lo, equal_hi, sweep.lo_blocks, sweep.hi_blocks)
+        found[r, c] = [(sweep.values, sweep.indices)] if sweep.values.numel() else []
     return tallies, found
 
 
@@ -209,77 +282,6 @@ def _order_statistics(sample: torch.Tensor, positions: list[int]) -> list[float]
         ordered = np.partition(sample.numpy(), positions)
         return [float(ordered[pos]) for pos in positions]
     return [float(torch.kthvalue(sample, pos + 1).values) for pos in positions]
-
-
-def _place(
-    upper: bool, key: float, among_equal: int, equal: int, equal_at: torch.Tensor | None
-) -> Cut:
-    """A cut at the `among_equal`-th of `equal` entries with this key (in index order)."""
-    if upper and among_equal == equal - 1:
-        return Cut(key, 2**62)  # every equal key is at or before the cut
-    if not upper and among_equal == 0:
-        return Cut(key, -1)  # every equal key is at or after the cut
-    assert equal_at is not None
-    return Cut(key, int(equal_at[among_equal]))
-
-
-def _tie_cut(
-    req: CutRequest,
-    c: int,
-    key: float,
-    among_equal: int,
-    equal: int,
-    n: int,
-    block: int,
-    base_block: Callable[[int, int], torch.Tensor],
-) -> Cut:
-    """A cut inside a run of equal keys; finds the index only when the cut splits the run."""
-    whole_run = (
-        _place(req.upper[c], key, among_equal, equal, None)
-        if ((req.upper[c] and among_equal == equal - 1) or (not req.upper[c] and among_equal == 0))
-        else None
-    )
-    if whole_run is not None:
-        return whole_run
-    if req.native is not None:
-        source = req.native
-        index = native.locate_equal(source.base, source.model, source.descending, key, among_equal)
-        if index < 0:
-            raise AssertionError("a key counted in the sweep vanished in the rescan")
-        return Cut(key, index)
-    # Count equal keys block by block and locate positions only in the block that passes the
-    # wanted one.
-    seen = 0
-    for _, start, end in block_ranges(n, block):
-        keys = req.keys(start, end, base_block(start, end))
-        count = (end - start) - int(torch.sub(keys, key).sign_().abs_().sum())
-        if seen + count > among_equal:
-            hits = (keys == key).nonzero().squeeze(1)
-            return Cut(key, start + int(hits[among_equal - seen]))
-        seen += count
-    raise AssertionError("a key counted in the sweep vanished in the rescan")
-
-
-def at_or_after(keys: torch.Tensor, start: int, cut: Cut) -> torch.Tensor:
-    """Entries of a block at positions >= the cut in (key, index) order."""
-    end = start + keys.numel()
-    if cut.index < start:
-        return keys >= cut.key
-    if cut.index >= end:
-        return keys > cut.key
-    index = torch.arange(start, end, device=keys.device)
-    return (keys > cut.key) | ((keys == cut.key) & (index >= cut.index))
-
-
-def at_or_before(keys: torch.Tensor, start: int, cut: Cut) -> torch.Tensor:
-    """Entries of a block at positions <= the cut in (key, index) order."""
-    end = start + keys.numel()
-    if cut.index < start:
-        return keys < cut.key
-    if cut.index >= end:
-        return keys <= cut.key
-    index = torch.arange(start, end, device=keys.device)
-    return (keys < cut.key) | ((keys == cut.key) & (index <= cut.index))
 
 
 def sample_positions(n: int, device: torch.device | None = None) -> torch.Tensor:

@@ -10,7 +10,7 @@ import math
 
 import torch
 
-from mergesmith.ops.select import rank_window_mask, stable_ranks, top_k_mask
+from mergesmith.ops.select import rank_window_mask, tie_averaged_ranks, top_k_mask
 
 # Below this an L1 norm is treated as zero and rescaling is skipped (mergekit's tolerance).
 RESCALE_EPS = 1e-7
@@ -31,7 +31,9 @@ def _finish(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Ten
 
 
 def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> torch.Tensor:
-    """TIES trim: keep exactly max(1, floor(d * n)) entries of largest |delta|."""
+    """TIES trim: keep exactly max(1, floor(d * n)) entries of largest |delta|; of those tied
+    at the cut-off, the ones still wanted are spread evenly in flat-index order (so the kept
+    share of a tie does not depend on the row it is in)."""
     if density >= 1:
         return delta
     if density <= 0 or delta.numel() == 0:
@@ -43,7 +45,8 @@ def magnitude(delta: torch.Tensor, density: float, rescale: bool = False) -> tor
 def magnitude_outliers(
     delta: torch.Tensor, density: float, gamma: float = 0.01, rescale: bool = False
 ) -> torch.Tensor:
-    """Breadcrumbs: drop the largest `gamma` fraction and the smallest entries, keep `density`."""
+    """Breadcrumbs: drop the largest `gamma` fraction and the smallest entries, keep `density`
+    (ties at either bound spread evenly, as in `magnitude`)."""
     if density >= 1:
         return delta
     n = delta.numel()
@@ -71,7 +74,8 @@ def della_magprune(
     generator: torch.Generator,
     rescale: bool = False,
 ) -> torch.Tensor:
-    """DELLA: per row, keep probability rises linearly with |delta| rank from d-eps to d+eps."""
+    """DELLA: per row, keep probability rises linearly with |delta| rank from d-eps to d+eps;
+    equal magnitudes share the mean of their ranks, so their column does not matter."""
     if density >= 1:
         return delta
     if density <= 0:
@@ -79,7 +83,7 @@ def della_magprune(
     rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
     width = rows.shape[1]
     if width > 1:
-        position = stable_ranks(rows.abs()).to(torch.float32) / (width - 1)
+        position = tie_averaged_ranks(rows.abs()) / (width - 1)
         probability = (density - epsilon) + position * (2 * epsilon)
     else:
         # One entry has no rank spread; mergekit divides 0/0 here.
