@@ -14,20 +14,9 @@ from mergesmith.dtypes import CONFIG_NAME
 from mergesmith.output.writer import NO_SPACE
 from mergesmith.plan import Plan
 from mergesmith.sources.base import ModelSource
+from mergesmith.sources.files import TOKENIZER_FILES
 from mergesmith.vocab.tokenizers import quiet_transformers
 
-TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-    "generation_config.json",
-)
 RECIPE_FILE = "mergesmith_config.yml"
 
 

@@ -13,6 +13,19 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt")
+# A model's tokenizer and generation settings: fetched beside its weights, copied to an output.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "generation_config.json",
+)
 STANDARD_LAYOUTS = (
     "model.safetensors.index.json",
     "model.safetensors",

@@ -21,24 +21,18 @@ from types import ModuleType
 from urllib.parse import urlparse
 
 from mergesmith.errors import MergeError
-from mergesmith.sources.files import LOOKED_FOR, WeightsChoice, choose_weights, is_index_name
+from mergesmith.sources.files import (
+    LOOKED_FOR,
+    TOKENIZER_FILES,
+    WeightsChoice,
+    choose_weights,
+    is_index_name,
+)
 
 log = logging.getLogger("mergesmith")
 
 # Small files worth fetching from a hub repository beside the weights.
-SIDE_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "tokenizer.model",
-    "vocab.json",
-    "merges.txt",
-    "vocab.txt",
-    "added_tokens.json",
-    "chat_template.jinja",
-)
+SIDE_FILES = ("config.json", *TOKENIZER_FILES)
 _COMMIT = re.compile(r"[0-9a-f]{40}")
 # Exception classes of the HTTP stacks huggingface_hub has used (httpx, httpx2, requests,
 # urllib3) that mean "no answer from the server", as opposed to an answer saying no.
