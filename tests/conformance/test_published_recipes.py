@@ -210,12 +210,8 @@ EXPECTED: dict[str, Expect] = {
     "008_lunamaid-12b-karcher-modules": Expect(
         MATCH, "not compared: mergekit is not run on it (MERGEKIT_NOT_RUN)", float32=True
     ),
-    "009_lunamaid-12b-stage1-slerp": Expect(
-        MISSING,
-        "multi-stage recipes: the `name:` key of a stage (SEMANTICS.md 8)",
-        ours_error="unknown key 'name'",
-        float32=True,
-    ),
+    # One stage of a pipeline: a single document with `name:` is a plain recipe.
+    "009_lunamaid-12b-stage1-slerp": Expect(MATCH, _F32, float32=True),
     "010_kansensakura-symbiosis-multislerp": Expect(MATCH, _F32, float32=True),
     # mergekit silently ignores the top-level `pad_to_multiple_of` and `int8_mask` (they belong
     # under `tokenizer:` and `parameters:`).
