@@ -33,6 +33,7 @@ from mergesmith.output import journal
 from mergesmith.output.layout import plan_layout
 from mergesmith.output.writer import TensorWriter
 from tests.conftest import assert_identical, run_cli, write_recipe
+from tests.ray_support import TASK_TITLE
 from tests.test_fail_interrupt import (
     SLOW_TENSORS,
     della_recipe,
@@ -55,9 +56,8 @@ def method_recipe(method: str, base: Path, tuned: list[Path]) -> str:
     one = {"slerp": "t: 0.3", "nearswap": "t: 0.01", "arcee_fusion": ""}
     if method in one:
         params = f"parameters: {{{one[method]}}}\n" if one[method] else ""
-        return f"merge_method: {method}\nbase_model: {base}\nmodels:\n  - model: {tuned[0]}\n" + (
-            params
-        )
+        head = f"merge_method: {method}\nbase_model: {base}\n"
+        return f"{head}models:\n  - model: {tuned[0]}\n{params}"
     if method == "passthrough":
         return f"merge_method: passthrough\nmodels:\n  - model: {tuned[1]}\n"
     weighted = {"linear", "nuslerp", "multislerp"}
@@ -248,6 +248,7 @@ def test_a_worker_killed_mid_task_is_retried_and_the_output_is_identical(
             merge, slow_merge["recipe"], out, seed=SEED, backend="ray", task_size="2MB"
         )
         victim = ray_cluster.wait_for_running_task()
+        assert " ".join(victim.cmdline()).startswith(TASK_TITLE)  # still in the task
         victim.send_signal(signal.SIGKILL)
         done_when_killed = len(journaled(partial_of(out)))
         running.result(timeout=300)

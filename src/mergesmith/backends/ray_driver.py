@@ -105,9 +105,9 @@ def work_spec(run: RayRun) -> WorkSpec:
         inputs=input_files(run.sources),
         version=__version__,
         allow_nonfinite=run.allow_nonfinite,
+        # As given: the worker resolves relative paths from the same working directory.
         stage_outputs=tuple(
-            (name, str(Path(folder).absolute()))
-            for name, folder in sorted((run.stage_outputs or {}).items())
+            (name, str(folder)) for name, folder in sorted((run.stage_outputs or {}).items())
         ),
     )
 
