@@ -278,16 +278,14 @@ def _stage_stamp(
     """What a finished stage output was made from: its recipe, the seed, the stamps of the
     stages it reads, and the size and time of every other input file."""
     from mergesmith.api import open_sources
+    from mergesmith.output.journal import add_input_files
 
     digest = hashlib.sha256(f"{seed}\0{stage.recipe.text}".encode())
     for need in stage.needs:
         digest.update(f"\0{need}\0{stamps[need]}".encode())
     sources = open_sources(stage.recipe, done)
     try:
-        for ref in sorted(set(sources) - set(stage.needs)):
-            for file in sources[ref].files:
-                stat = file.stat()
-                digest.update(f"\0{ref}\0{file}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
+        add_input_files(digest, sources, sorted(set(sources) - set(stage.needs)))
     finally:
         for source in sources.values():
             source.close()

@@ -12,7 +12,9 @@ import json
 import os
 import threading
 import zlib
+from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 from mergesmith.errors import MergeError
 from mergesmith.output.layout import OutputLayout
@@ -36,12 +38,17 @@ def fingerprint(plan: Plan, layout: OutputLayout, sources: dict[str, ModelSource
             digest.update(f"{token_id}\0{token}\0".encode())
         for ref in sorted(plan.vocab.row_of):
             digest.update(ref.encode() + repr(plan.vocab.row_of[ref]).encode())
-    for ref in sorted(sources):
-        files = sources[ref].files
-        for file in files:
+    add_input_files(digest, sources, sorted(sources))
+    return digest.hexdigest()
+
+
+def add_input_files(digest: Any, sources: Mapping[str, ModelSource], refs: list[str]) -> None:
+    """Each file the models `refs` are read from (adapters included), by path, size and time:
+    a file replaced since the work began changes the digest."""
+    for ref in refs:
+        for file in sources[ref].files:
             stat = file.stat()
             digest.update(f"{ref}\0{file}\0{stat.st_size}\0{stat.st_mtime_ns}".encode())
-    return digest.hexdigest()
 
 
 def checksum(data: memoryview | bytes) -> int:
