@@ -108,11 +108,8 @@ def build_vocab(
     if pad and rows % pad:
         rows += pad - rows % pad
     model_tokens = {ref: dict(tok.get_vocab()) for ref, tok in tokenizers.items()}
-    row_of = {}
-    for ref in refs:
-        own = model_tokens[ref]
-        order = sorted(tokens.items(), key=lambda item: item[1])
-        row_of[ref] = [own.get(token, MISSING) for token, _ in order]
+    by_id = sorted(tokens, key=tokens.__getitem__)
+    row_of = {ref: [model_tokens[ref].get(token, MISSING) for token in by_id] for ref in refs}
     return OutputVocab(
         spec, out, tokens, rows, row_of, model_rows, model_tokens, described, warnings
     )
