@@ -2,8 +2,8 @@
 pass (C kernels and torch code alike) must agree with it: the fast path is tested against the
 plain one rather than against a copy of itself.
 
-Deterministic sparsifiers are compared on tensors spanning several blocks, with heavy ties; the
-random ones on tensors of one block, whose generator is block_generator(seed, 0) on both paths.
+All are compared on tensors spanning several blocks, with heavy ties: the random ones draw
+element i of their stream for entry i whichever block it is in, so blocks change nothing.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 from mergesmith import native
 from mergesmith.methods.task_arithmetic import merge_task_vectors
 from mergesmith.ops import sparsify
-from mergesmith.ops.blocks import BLOCK, block_generator
+from mergesmith.ops.blocks import BLOCK
 
 SEED = 1234
 
@@ -69,19 +69,30 @@ def test_breadcrumbs_window_is_the_reference_across_blocks(
     assert torch.equal(got, expected)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
 @pytest.mark.parametrize("rescale", [False, True])
-def test_dare_drop_is_the_reference_within_a_block(rescale: bool) -> None:
-    delta = tied_delta((300, 200), 3)
-    expected = sparsify.random_keep(delta, 0.4, block_generator(SEED, 0), rescale)
-    got = blocked(delta, "random", 0.4, rescale=rescale)
+def test_dare_drop_is_the_reference_across_blocks(kernels: bool, rescale: bool) -> None:
+    delta = tied_delta((3 * BLOCK + 11,), 3)
+    expected = sparsify.random_keep(delta, 0.4, SEED, rescale)
+    if kernels:
+        got = blocked(delta, "random", 0.4, rescale=rescale)
+    else:
+        with native.torch_only():
+            got = blocked(delta, "random", 0.4, rescale=rescale)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     assert torch.equal(got != 0, expected != 0)
 
 
+@pytest.mark.parametrize("kernels", [True, False], ids=["kernels", "torch"])
 @pytest.mark.parametrize("rescale", [False, True])
-def test_della_drop_is_the_reference_within_a_block(rescale: bool) -> None:
-    delta = tied_delta((256, 512), 4)
-    expected = sparsify.della_magprune(delta, 0.5, 0.2, block_generator(SEED, 0), rescale)
-    got = blocked(delta, "della_magprune", 0.5, epsilon=0.2, rescale=rescale)
+def test_della_drop_is_the_reference_across_blocks(kernels: bool, rescale: bool) -> None:
+    # Rows of 3000 entries: each block holds 87 whole rows, so the tensor spans four blocks.
+    delta = tied_delta((300, 3000), 4)
+    expected = sparsify.della_magprune(delta, 0.5, 0.2, SEED, rescale)
+    if kernels:
+        got = blocked(delta, "della_magprune", 0.5, epsilon=0.2, rescale=rescale)
+    else:
+        with native.torch_only():
+            got = blocked(delta, "della_magprune", 0.5, epsilon=0.2, rescale=rescale)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=0)
     assert torch.equal(got != 0, expected != 0)

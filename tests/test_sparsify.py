@@ -200,7 +200,7 @@ def test_breadcrumbs_keeps_the_spec_window_of_magnitudes(
 
 def test_random_keeps_about_density_fraction() -> None:
     delta = _nonzero_delta(20000, seed=1)
-    kept = random_keep(delta, 0.3, _gen(11))
+    kept = random_keep(delta, 0.3, 11)
     fraction = float((kept != 0).float().mean())
     # sigma = sqrt(0.3 * 0.7 / 20000) ~ 0.0032
     assert abs(fraction - 0.3) < 0.016
@@ -210,7 +210,7 @@ def test_random_keeps_about_density_fraction() -> None:
 
 def test_random_keep_is_uniform_over_positions() -> None:
     delta = _nonzero_delta(20000, seed=2)
-    kept = (random_keep(delta, 0.6, _gen(12)) != 0).float()
+    kept = (random_keep(delta, 0.6, 12) != 0).float()
     # Large and small entries alike: DARE ignores magnitude.
     big = delta.abs() > delta.abs().median()
     assert abs(float(kept[big].mean()) - 0.6) < 0.025
@@ -219,17 +219,17 @@ def test_random_keep_is_uniform_over_positions() -> None:
 
 def test_random_same_seed_same_mask_different_seed_different_mask() -> None:
     delta = _nonzero_delta(1000, seed=4)
-    first = random_keep(delta, 0.5, _gen(7))
-    again = random_keep(delta, 0.5, _gen(7))
-    other = random_keep(delta, 0.5, _gen(8))
+    first = random_keep(delta, 0.5, 7)
+    again = random_keep(delta, 0.5, 7)
+    other = random_keep(delta, 0.5, 8)
     assert torch.equal(first, again)
     assert not torch.equal(first != 0, other != 0)
 
 
 def test_random_density_bounds() -> None:
     delta = _nonzero_delta(500, seed=6)
-    assert torch.equal(random_keep(delta, 1.0, _gen(0)), delta)
-    assert torch.equal(random_keep(delta, 0.0, _gen(0)), torch.zeros(500))
+    assert torch.equal(random_keep(delta, 1.0, 0), delta)
+    assert torch.equal(random_keep(delta, 0.0, 0), torch.zeros(500))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,7 +247,7 @@ def _della_expected(density: float, epsilon: float, width: int) -> list[float]:
 
 def test_della_keep_probability_rises_linearly_with_rank_in_each_row() -> None:
     rows = torch.tensor([DELLA_ROW] * 4000)
-    kept = della_magprune(rows, 0.5, 0.2, _gen(21)) != 0
+    kept = della_magprune(rows, 0.5, 0.2, 21) != 0
     frequency = kept.float().mean(dim=0).tolist()
     expected = _della_expected(0.5, 0.2, 5)  # 0.4, 0.7, 0.6, 0.3, 0.5
     for got, want in zip(frequency, expected, strict=True):
@@ -258,7 +258,7 @@ def test_della_ranks_within_a_row_not_across_the_tensor() -> None:
     # Alternate tiny and huge rows: a tensor-wide ranking would keep the tiny rows far less often.
     row = torch.tensor(DELLA_ROW)
     rows = torch.stack([row * 1e-3, row * 1e3] * 2000)
-    kept = (della_magprune(rows, 0.5, 0.2, _gen(22)) != 0).float()
+    kept = (della_magprune(rows, 0.5, 0.2, 22) != 0).float()
     expected = _della_expected(0.5, 0.2, 5)
     for half in (kept[0::2], kept[1::2]):
         for got, want in zip(half.mean(dim=0).tolist(), expected, strict=True):
@@ -270,7 +270,7 @@ def test_della_one_dimensional_tensor_is_one_row() -> None:
     counts = torch.zeros(5)
     draws = 3000
     for seed in range(draws):
-        counts += (della_magprune(delta, 0.5, 0.2, _gen(seed)) != 0).float()
+        counts += (della_magprune(delta, 0.5, 0.2, seed) != 0).float()
     for got, want in zip((counts / draws).tolist(), _della_expected(0.5, 0.2, 5), strict=True):
         assert abs(got - want) < 0.045
 
@@ -280,32 +280,30 @@ def test_della_equal_magnitudes_share_their_mean_rank() -> None:
     # with 0.3 + 0.4 * 1.5 / 4 = 0.45 (ranking them by index gave 0.3, 0.4, 0.5, 0.6); the 2
     # has rank 4: 0.7.
     rows = torch.tensor([[1.0, -1.0, 1.0, -1.0, 2.0]] * 4000)
-    frequency = (della_magprune(rows, 0.5, 0.2, _gen(24)) != 0).float().mean(dim=0).tolist()
+    frequency = (della_magprune(rows, 0.5, 0.2, 24) != 0).float().mean(dim=0).tolist()
     for got, want in zip(frequency, [0.45, 0.45, 0.45, 0.45, 0.7], strict=True):
         assert abs(got - want) < 0.035, frequency
 
 
 def test_della_row_of_length_one_keeps_with_probability_density() -> None:
     column = torch.ones(4000, 1) * 0.5
-    kept = della_magprune(column, 0.3, 0.2, _gen(23)) != 0
+    kept = della_magprune(column, 0.3, 0.2, 23) != 0
     # d - eps would be 0.1, d + eps 0.5.
     assert abs(float(kept.float().mean()) - 0.3) < 0.035
     single = torch.tensor([0.5])
-    hits = sum(int(della_magprune(single, 0.3, 0.2, _gen(s)).item() != 0) for s in range(2000))
+    hits = sum(int(della_magprune(single, 0.3, 0.2, s).item() != 0) for s in range(2000))
     assert abs(hits / 2000 - 0.3) < 0.05
 
 
 def test_della_density_one_passes_unchanged() -> None:
     delta = torch.tensor([DELLA_ROW, DELLA_ROW])
-    assert torch.equal(della_magprune(delta, 1.0, 0.15, _gen(0)), delta)
+    assert torch.equal(della_magprune(delta, 1.0, 0.15, 0), delta)
 
 
 def test_della_same_seed_same_result() -> None:
     delta = _nonzero_delta(600, seed=9).reshape(20, 30)
-    assert torch.equal(
-        della_magprune(delta, 0.4, 0.1, _gen(5)), della_magprune(delta, 0.4, 0.1, _gen(5))
-    )
-    kept = della_magprune(delta, 0.4, 0.1, _gen(5))
+    assert torch.equal(della_magprune(delta, 0.4, 0.1, 5), della_magprune(delta, 0.4, 0.1, 5))
+    kept = della_magprune(delta, 0.4, 0.1, 5)
     assert torch.equal(kept[kept != 0], delta[kept != 0])
 
 
@@ -316,9 +314,9 @@ Sparsifier = Callable[[torch.Tensor, float, bool], torch.Tensor]
 SPARSIFIERS: dict[str, Sparsifier] = {
     "magnitude": lambda d, density, rescale: magnitude(d, density, rescale),
     "magnitude_outliers": lambda d, density, rescale: magnitude_outliers(d, density, 0.1, rescale),
-    "random": lambda d, density, rescale: random_keep(d, density, _gen(3), rescale),
+    "random": lambda d, density, rescale: random_keep(d, density, 3, rescale),
     "della_magprune": lambda d, density, rescale: della_magprune(
-        d, density, min(0.1, density / 2, (1 - density) / 2), _gen(3), rescale
+        d, density, min(0.1, density / 2, (1 - density) / 2), 3, rescale
     ),
 }
 

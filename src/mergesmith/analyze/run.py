@@ -124,10 +124,10 @@ def _base_reference_sums(
     consensus = trim.consensus if trim else None
     if consensus is not None and consensus not in analysis.consensus:
         analysis.consensus.append(consensus)
-    for number, start, end in block_ranges(base.numel(), block_size(job)):
+    for _, start, end in block_ranges(base.numel(), block_size(job)):
         b = base[start:end].float()
         deltas = [torch.sub(m[start:end], b) for m in models]
-        trimmed = trim.trimmed(deltas, number, start) if trim else None
+        trimmed = trim.trimmed(deltas, start) if trim else None
         accumulator.add_block(deltas, weights, trimmed, consensus)
     return accumulator.sums
 

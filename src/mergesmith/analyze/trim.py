@@ -31,17 +31,14 @@ class FamilyTrim:
 
     sparsifier: str | None
     consensus: str | None
-    block: int  # the merge's block size: random draws are made per block
     shape2d: tuple[int, int]
     plans: list[ModelPlan]
 
-    def trimmed(
-        self, deltas: Sequence[torch.Tensor], number: int, start: int
-    ) -> list[torch.Tensor]:
-        """Block `number` (starting at flat index `start`) of each sparsified, rescaled task
-        vector: what the merge weights and sums. `deltas` are left unchanged."""
+    def trimmed(self, deltas: Sequence[torch.Tensor], start: int) -> list[torch.Tensor]:
+        """The block starting at flat index `start` of each sparsified, rescaled task vector:
+        what the merge weights and sums. `deltas` are left unchanged."""
         return [
-            plan.sparsify(delta.clone(), number, start, self.shape2d)
+            plan.sparsify(delta.clone(), start, self.shape2d)
             for plan, delta in zip(self.plans, deltas, strict=True)
         ]
 
@@ -80,4 +77,4 @@ def family_trim(
     for plan, model in zip(plans, models, strict=True):
         plan.measure_rescale(base, model, n, block, shape2d)
     consensus = job.params.get("consensus_method", row.consensus)
-    return FamilyTrim(row.sparsifier, consensus, block, shape2d, plans)
+    return FamilyTrim(row.sparsifier, consensus, shape2d, plans)

@@ -26,7 +26,8 @@ from mergesmith.methods.registry import (
     non_negative,
 )
 from mergesmith.ops import float_masks as fm
-from mergesmith.ops.blocks import BLOCK, block_generator, block_ranges
+from mergesmith.ops import stream
+from mergesmith.ops.blocks import BLOCK, block_ranges
 from mergesmith.ops.consensus import disjoint_merge
 from mergesmith.ops.rank_cut import (
     SAMPLE,
@@ -190,7 +191,7 @@ class _Combine:
         b = self.base[start:end].float()
         weighted = []
         for plan, model, weight in zip(self.plans, self.models, self.weights, strict=True):
-            d = plan.sparsify(torch.sub(model[start:end], b), number, start, self.shape2d)
+            d = plan.sparsify(torch.sub(model[start:end], b), start, self.shape2d)
             weighted.append(d.mul_(weight))
         if self.consensus is not None:
             mixed, divisor = disjoint_merge(weighted, self.weights, self.consensus)
@@ -323,10 +324,11 @@ class ModelPlan:
         self.upper: Cut | None = None  # ...and at or before this one
         self.keep_none = False
         self.factor = 1.0
-        # Random masks drawn while measuring for `rescale`, one bit per entry, each block's at
-        # `block_bytes` * its number: the combining pass reuses them instead of drawing again
-        # (drawing costs more than the rest of the merge). Only the C kernel reads these. One
-        # buffer, not one per block: small long-lived allocations pin freed memory in the heap.
+        # DELLA's masks drawn while measuring for `rescale`, one bit per entry, each block's at
+        # `block_bytes` * its number: the combining pass reuses them instead of ranking every
+        # row again. Only the C kernel reads these. One buffer, not one per block: small
+        # long-lived allocations pin freed memory in the heap. (DARE draws again: its stream
+        # costs less than reading the bits back.)
         self.drawn_bits: torch.Tensor | None = None
         self.block_bytes = 0
 
@@ -390,25 +392,32 @@ class ModelPlan:
         if not self.rescale or self.kind is None or self.keep_none:
             return
         total = kept = 0.0
-        if self.kind in _DRAWN_KINDS and native.handles(base, model):
+        if self.kind == "della_magprune" and native.handles(base, model):
             self.block_bytes = (block + 7) // 8
             self.drawn_bits = torch.empty(self.block_bytes * -(-n // block), dtype=torch.uint8)
+        fused_dare = self.kind == "random" and native.handles(base, model)
         for number, start, end in block_ranges(n, block):
+            if fused_dare:
+                threshold = stream.keep_threshold(self.density)
+                d, survivors = native.stream_deltas(base, model, start, end, self.seed, threshold)
+                total += float(d.abs_().sum())
+                kept += float(survivors.abs_().sum())
+                continue
             d = torch.sub(model[start:end], base[start:end].float())
             total += float(d.abs().sum())
             if self.drawn_bits is not None:
                 # What sparsify does for these kinds (the factor is still 1), keeping the mask.
-                keep = self.keep(d, number, start, shape2d)
+                keep = self.keep(d, start, shape2d)
                 assert keep is not None
                 native.pack_mask(keep, self._drawn_block(number))
                 kept += float(d.mul_(keep).abs_().sum())
             else:
-                kept += float(self.sparsify(d, number, start, shape2d).abs_().sum())
+                kept += float(self.sparsify(d, start, shape2d).abs_().sum())
         if total >= RESCALE_EPS and kept >= RESCALE_EPS:
             self.factor = total / kept
 
     def keep(
-        self, delta: torch.Tensor, number: int, start: int, shape2d: tuple[int, int]
+        self, delta: torch.Tensor, start: int, shape2d: tuple[int, int]
     ) -> torch.Tensor | None:
         """Which entries of one block of the delta survive, as a float 0/1 mask (None: all)."""
         if self.kind is None:
@@ -416,9 +425,9 @@ class ModelPlan:
         if self.keep_none:
             return torch.zeros_like(delta)
         if self.kind == "random":
-            return self._random_keep(delta.numel(), number, delta.device)
+            return self._random_keep(start, delta.numel(), delta.device)
         if self.kind == "della_magprune":
-            return self._della_keep(delta.abs(), number, shape2d)
+            return self._della_keep(delta.abs(), start, shape2d)
         magnitude = delta.abs()
         keep = None
         if self.lower is not None:
@@ -438,46 +447,50 @@ class ModelPlan:
         end: int,
         shape2d: tuple[int, int],
     ) -> torch.Tensor:
-        """`keep` for the random sparsifiers, for block [start, end) of flat inputs: float 0/1,
-        or the bits kept from measuring (uint8)."""
+        """DELLA's `keep` for block [start, end) of flat inputs: float 0/1, or the bits kept
+        from measuring (uint8)."""
         if self.drawn_bits is not None:
             return self._drawn_block(number)
-        if self.kind == "random":
-            return self._random_keep(end - start, number, base.device)
         delta = torch.sub(model[start:end], base[start:end].float())
-        return self._della_keep(delta.abs_(), number, shape2d)
+        return self._della_keep(delta.abs_(), start, shape2d)
 
     def _drawn_block(self, number: int) -> torch.Tensor:
         assert self.drawn_bits is not None
         return self.drawn_bits[number * self.block_bytes : (number + 1) * self.block_bytes]
 
-    def _random_keep(self, size: int, number: int, device: torch.device) -> torch.Tensor:
-        draws = torch.rand(size, generator=block_generator(self.seed, number))
-        return fm.below(draws.to(device), self.density)
+    def _random_keep(self, start: int, size: int, device: torch.device) -> torch.Tensor:
+        if device.type == "cpu" and native.available():
+            threshold = stream.keep_threshold(self.density)
+            return native.stream_keep(self.seed, start, size, threshold=threshold)
+        return stream.keep_with_probability(self.seed, start, size, self.density, device)
 
     def _della_keep(
-        self, magnitude: torch.Tensor, number: int, shape2d: tuple[int, int]
+        self, magnitude: torch.Tensor, start: int, shape2d: tuple[int, int]
     ) -> torch.Tensor:
         width = shape2d[1]
         rows = magnitude.reshape(-1, width)
+        on_kernels = rows.device.type == "cpu" and native.available()
+        if width > 1 and on_kernels:
+            scale, offset = 2 * self.epsilon, self.density - self.epsilon
+            return native.della_keep(rows.float(), self.seed, start, scale, offset)
         if width > 1:
             position = tie_averaged_ranks(rows).div_(width - 1)
             probability = position.mul_(2 * self.epsilon).add_(self.density - self.epsilon)
         else:
             # One entry has no rank spread; mergekit divides 0/0 here.
             probability = torch.full(rows.shape, self.density)
-        draws = torch.rand(rows.shape, generator=block_generator(self.seed, number))
-        return torch.sub(probability, draws.to(rows.device)).clamp_(min=0).sign_().reshape(-1)
+        if on_kernels:
+            return native.stream_keep(self.seed, start, rows.numel(), probability=probability)
+        draws = stream.uniform(self.seed, start, rows.numel(), rows.device)
+        return torch.sub(probability.reshape(-1), draws).clamp_(min=0).sign_()
 
-    def sparsify(
-        self, delta: torch.Tensor, number: int, start: int, shape2d: tuple[int, int]
-    ) -> torch.Tensor:
+    def sparsify(self, delta: torch.Tensor, start: int, shape2d: tuple[int, int]) -> torch.Tensor:
         """One block of this model's delta, sparsified and rescaled (`delta` may be reused)."""
         if self.kind is None:
             return delta
         trimmed = self._trim_by_cuts(delta, start)
         if trimmed is None:
-            keep = self.keep(delta, number, start, shape2d)
+            keep = self.keep(delta, start, shape2d)
             trimmed = delta if keep is None else delta.mul_(keep)
         if self.factor != 1.0:
             trimmed.mul_(self.factor)
@@ -493,7 +506,11 @@ class ModelPlan:
         if self.keep_none:
             trim.mode = native.TRIM_TIMES_ZERO
             return trim
-        if self.kind in _DRAWN_KINDS:
+        if self.kind == "random":
+            trim.mode, trim.stream_key = native.TRIM_RANDOM, self.seed
+            trim.threshold = stream.keep_threshold(self.density)
+            return trim
+        if self.kind == "della_magprune":
             trim.mode = native.TRIM_GIVEN  # the caller supplies drawn_keep's mask
             return trim
         cuts = [c for c in (self.lower, self.upper) if c is not None]

@@ -21,7 +21,8 @@ from mergesmith.native.status import kernel_status
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
-TRIM_KEEP_ALL, TRIM_TIMES_ZERO, TRIM_SHRINK, TRIM_MASK, TRIM_GIVEN, TRIM_GIVEN_BITS = range(6)
+TRIM_KEEP_ALL, TRIM_TIMES_ZERO, TRIM_SHRINK, TRIM_MASK = range(4)
+TRIM_GIVEN, TRIM_GIVEN_BITS, TRIM_RANDOM = range(4, 7)
 SMALL_NONE, SMALL_SHRINK, SMALL_ZEROS = 0, 1, 2
 CONSENSUS = {None: 0, "sum": 1, "count": 2}
 
@@ -50,6 +51,8 @@ class Trim(ctypes.Structure):
         ("factor", ctypes.c_float),
         ("weight", ctypes.c_float),
         ("keep", ctypes.c_void_p),
+        ("stream_key", ctypes.c_uint64),
+        ("threshold", ctypes.c_int64),
     ]
 
 
@@ -95,6 +98,12 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_bracket_sweep.restype = ctypes.c_int
     lib.ms_sample_keys.argtypes = [p, i32, p, i32, i64, i32, i64, p]
     lib.ms_sample_keys.restype = None
+    lib.ms_stream_keep.argtypes = [ctypes.c_uint64, i64, i64, i64, p, p]
+    lib.ms_stream_keep.restype = None
+    lib.ms_stream_deltas.argtypes = [p, i32, p, i32, i64, i64, ctypes.c_uint64, i64, p, p]
+    lib.ms_stream_deltas.restype = None
+    lib.ms_della_keep.argtypes = [p, i64, i64, ctypes.c_uint64, i64, f32, f32, p]
+    lib.ms_della_keep.restype = ctypes.c_int
     return lib
 
 
@@ -278,6 +287,58 @@ def sample_keys(
         sample.data_ptr(),
     )
     return sample
+
+
+def stream_keep(
+    key: int, start: int, count: int, *, threshold: int = 0, probability: torch.Tensor | None = None
+) -> torch.Tensor:
+    """ops.stream's keep mask for elements [start, start + count) as float 0/1: below
+    `threshold` (DARE), or with each entry's float32 `probability` (DELLA)."""
+    keep = torch.empty(count, dtype=torch.float32)
+    if probability is not None:
+        probability = probability.reshape(-1).contiguous()
+        assert probability.dtype == torch.float32 and probability.numel() == count
+    pointer = None if probability is None else probability.data_ptr()
+    _loaded().ms_stream_keep(key, start, count, threshold, pointer, keep.data_ptr())
+    return keep
+
+
+def stream_deltas(
+    base: torch.Tensor, model: torch.Tensor, start: int, end: int, key: int, threshold: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """model - base over [start, end) of the flat inputs as float32, and the same with the
+    entries that ops.stream drops (draw >= threshold) zeroed."""
+    delta = torch.empty(end - start, dtype=torch.float32)
+    kept = torch.empty(end - start, dtype=torch.float32)
+    _loaded().ms_stream_deltas(
+        base.data_ptr(),
+        _DTYPES[base.dtype],
+        model.data_ptr(),
+        _DTYPES[model.dtype],
+        start,
+        end - start,
+        key,
+        threshold,
+        delta.data_ptr(),
+        kept.data_ptr(),
+    )
+    return delta, kept
+
+
+def della_keep(
+    magnitude: torch.Tensor, key: int, start: int, scale: float, offset: float
+) -> torch.Tensor:
+    """DELLA's float 0/1 mask for rows of float32 magnitudes (2-D, rows wider than one entry)
+    starting at flat index `start`: each entry kept when its ops.stream draw is below
+    tie_averaged_rank / (width - 1) * scale + offset, in float32."""
+    rows, width = magnitude.shape
+    assert magnitude.dtype == torch.float32 and width > 1 and width < 1 << 32
+    magnitude = magnitude.contiguous()
+    keep = torch.empty(rows * width, dtype=torch.float32)
+    kernel = _loaded().ms_della_keep
+    if kernel(magnitude.data_ptr(), rows, width, key, start, scale, offset, keep.data_ptr()):
+        raise KernelError("no memory for the kernel's scratch buffers")
+    return keep
 
 
 def pack_mask(keep: torch.Tensor, into: torch.Tensor) -> None:

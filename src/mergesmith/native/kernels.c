@@ -18,7 +18,7 @@
 #include <string.h>
 
 /* Bumped whenever a signature or a struct below changes; the loader refuses a stale build. */
-#define MS_ABI 5
+#define MS_ABI 6
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 
@@ -105,6 +105,7 @@ enum {
     TRIM_MASK = 3,       /* exact cuts, in blocks holding a tie run that a cut splits */
     TRIM_GIVEN = 4,      /* delta * keep[i], a 0/1 mask drawn by torch (DARE, DELLA) */
     TRIM_GIVEN_BITS = 5, /* the same mask as bits: entry i is bit i % 8 of byte i / 8 */
+    TRIM_RANDOM = 6,     /* DARE: keep entry i when draw24(stream_key, i) < threshold */
 };
 
 enum { SMALL_NONE = 0, SMALL_SHRINK = 1, SMALL_ZEROS = 2 };
@@ -131,7 +132,18 @@ typedef struct {
     float factor;
     float weight;
     const void *keep;    /* TRIM_GIVEN(_BITS): the block's mask, indexed from its start */
+    uint64_t stream_key; /* TRIM_RANDOM: the model's stream (ops/stream.py) ... */
+    int64_t threshold;   /* ... and ceil(density * 2^24) */
 } Trim;
+
+/* Element `index` of the random stream `key`: the top 24 bits of SplitMix64's output number
+ * index + 1 (its last step, z ^ (z >> 31), leaves them alone). ops/stream.py is the spec. */
+static inline uint32_t draw24(uint64_t key, uint64_t index) {
+    uint64_t z = key + (index + 1) * 0x9E3779B97F4A7C15ULL;
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return (uint32_t)(z >> 40);
+}
 
 static inline float hardshrink(float x, float limit) {
     return (x >= -limit && x <= limit) ? 0.0f : x;
@@ -168,8 +180,15 @@ HELPER void spread_cut(const float *restrict keys, float key, int64_t need, int6
 /* `t` is the kernel's own copy: TRIM_MASK carries the spread rule's state in it from chunk to
  * chunk. `keys` and `keep` are CHUNK-sized scratch. */
 HELPER void trim_chunk(Trim *t, float *restrict d, int64_t count, int64_t into_block,
-                       float *restrict keys, float *restrict keep) {
+                       int64_t offset, float *restrict keys, float *restrict keep) {
     switch (t->mode) {
+    case TRIM_RANDOM: {
+        const uint64_t key = t->stream_key;
+        const int64_t threshold = t->threshold;
+        for (int64_t i = 0; i < count; i++)
+            d[i] = d[i] * (float)((int64_t)draw24(key, (uint64_t)(offset + i)) < threshold);
+        break;
+    }
     case TRIM_GIVEN: {
         const float *restrict keep = (const float *)t->keep + into_block;
         for (int64_t i = 0; i < count; i++) d[i] = d[i] * keep[i];
@@ -280,7 +299,7 @@ KERNEL int ms_family_block(const void *base, int32_t base_dtype, const void *con
             float *d = deltas + (size_t)j * CHUNK;
             load_f32(models[j], model_dtypes[j], offset, n, d);
             for (int64_t i = 0; i < n; i++) d[i] = d[i] - b[i];
-            trim_chunk(&own[j], d, n, at, keys, keep);
+            trim_chunk(&own[j], d, n, at, offset, keys, keep);
         }
         if (consensus == CONSENSUS_NONE) {
             memcpy(mixed, deltas, sizeof(float) * (size_t)n);
@@ -429,6 +448,93 @@ KERNEL void ms_sample_keys(const void *base, int32_t base_dtype, const void *mod
         load_f32(base, base_dtype, at, 1, &b);
         load_f32(model, model_dtype, at, 1, &m);
         out[i] = sign * fabsf(m - b);
+    }
+}
+
+/* keep[i] = 1 where element start + i of stream `key` is kept: with probability threshold / 2^24
+ * (DARE, has_p = 0), or with probability p[i] (DELLA: draw / 2^24 < p[i] in float32). */
+KERNEL void ms_stream_keep(uint64_t key, int64_t start, int64_t count, int64_t threshold,
+                           const float *p, float *keep) {
+    if (p == NULL) {
+        for (int64_t i = 0; i < count; i++)
+            keep[i] = (float)((int64_t)draw24(key, (uint64_t)(start + i)) < threshold);
+    } else {
+        for (int64_t i = 0; i < count; i++)
+            keep[i] = (float)((float)draw24(key, (uint64_t)(start + i)) * 0x1p-24f < p[i]);
+    }
+}
+
+/* Sorts `count` (key << 32 | index) items by key: least significant byte first, skipping the
+ * bytes all keys share. `tmp` has room for `count` items; the result may end in either. */
+static uint64_t *radix_sort_keys(uint64_t *items, uint64_t *tmp, int64_t count) {
+    for (int shift = 32; shift < 64; shift += 8) {
+        int64_t bucket[256] = {0};
+        for (int64_t i = 0; i < count; i++) bucket[(items[i] >> shift) & 255]++;
+        if (bucket[(items[0] >> shift) & 255] == count) continue;
+        int64_t at = 0;
+        for (int b = 0; b < 256; b++) {
+            int64_t c = bucket[b];
+            bucket[b] = at;
+            at += c;
+        }
+        for (int64_t i = 0; i < count; i++) tmp[bucket[(items[i] >> shift) & 255]++] = items[i];
+        uint64_t *swap = items;
+        items = tmp;
+        tmp = swap;
+    }
+    return items;
+}
+
+/* DELLA's keep mask for `rows` rows of `width` > 1 magnitudes (flat index `start` onwards):
+ * entry i of a row is kept when draw / 2^24 < (rank / (width - 1)) * scale + offset, rank being
+ * its tie-averaged ascending rank in the row (ops.select.tie_averaged_ranks), each step
+ * rounded to float32 as the torch code rounds it. Magnitudes are >= 0 and not NaN, so their
+ * bit patterns sort as they compare. Returns 0, or -1 when scratch memory cannot be had. */
+KERNEL int ms_della_keep(const float *magnitude, int64_t rows, int64_t width, uint64_t key,
+                         int64_t start, float scale, float offset, float *keep) {
+    uint64_t *scratch = malloc(sizeof(uint64_t) * 2 * (size_t)width);
+    if (scratch == NULL) return -1;
+    const float spread = (float)(width - 1);
+    for (int64_t r = 0; r < rows; r++) {
+        const float *m = magnitude + r * width;
+        float *k = keep + r * width;
+        for (int64_t i = 0; i < width; i++)
+            scratch[i] = (uint64_t)float_to_bits(m[i]) << 32 | (uint64_t)i;
+        const uint64_t *sorted = radix_sort_keys(scratch, scratch + width, width);
+        for (int64_t first = 0; first < width;) {
+            int64_t end = first + 1;
+            while (end < width && (sorted[end] >> 32) == (sorted[first] >> 32)) end++;
+            const float rank = (float)(first + end - 1) / 2.0f;
+            const float p = rank / spread * scale + offset;
+            for (int64_t j = first; j < end; j++) {
+                const int64_t i = (int64_t)(sorted[j] & 0xFFFFFFFFu);
+                const uint64_t index = (uint64_t)(start + r * width + i);
+                k[i] = (float)((float)draw24(key, index) * 0x1p-24f < p);
+            }
+            first = end;
+        }
+    }
+    free(scratch);
+    return 0;
+}
+
+/* DARE's rescale measures two L1 norms per block: of delta = model - base, and of what the
+ * stream keeps of it. This writes both vectors (delta, and delta * keep) in one pass; the sums
+ * are torch's, on the same float32 values the torch code sums. */
+KERNEL void ms_stream_deltas(const void *base, int32_t base_dtype, const void *model,
+                             int32_t model_dtype, int64_t start, int64_t count, uint64_t key,
+                             int64_t threshold, float *delta, float *kept) {
+    float b[CHUNK];
+    for (int64_t at = 0; at < count; at += CHUNK) {
+        int64_t n = count - at < CHUNK ? count - at : CHUNK;
+        float *d = delta + at;
+        load_f32(base, base_dtype, start + at, n, b);
+        load_f32(model, model_dtype, start + at, n, d);
+        for (int64_t i = 0; i < n; i++) {
+            d[i] = d[i] - b[i];
+            kept[at + i] =
+                d[i] * (float)((int64_t)draw24(key, (uint64_t)(start + at + i)) < threshold);
+        }
     }
 }
 

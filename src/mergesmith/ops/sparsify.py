@@ -1,7 +1,7 @@
 """Sparsifiers: which entries of a task vector survive, and the optional L1 rescale.
 
-Each returns a new tensor; inputs are never modified. Random ones take a torch.Generator so the
-result depends only on the seed given, never on thread timing.
+Each returns a new tensor; inputs are never modified. Random ones take the key of their stream
+(ops.stream): entry i draws the stream's element i, so the result depends only on the key.
 """
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ import math
 
 import torch
 
+from mergesmith.ops import stream
 from mergesmith.ops.select import rank_window_mask, tie_averaged_ranks, top_k_mask
 
 # Below this an L1 norm is treated as zero and rescaling is skipped (mergekit's tolerance).
@@ -58,20 +59,20 @@ def magnitude_outliers(
 
 
 def random_keep(
-    delta: torch.Tensor, density: float, generator: torch.Generator, rescale: bool = False
+    delta: torch.Tensor, density: float, key: int, rescale: bool = False
 ) -> torch.Tensor:
     """DARE: keep each entry independently with probability `density`."""
     if density >= 1:
         return delta
-    draws = torch.rand(delta.shape, generator=generator, dtype=torch.float32)
-    return _finish(delta, draws.to(delta.device) < density, rescale)
+    draws = stream.uniform(key, 0, delta.numel(), delta.device)
+    return _finish(delta, draws < density, rescale)
 
 
 def della_magprune(
     delta: torch.Tensor,
     density: float,
     epsilon: float,
-    generator: torch.Generator,
+    key: int,
     rescale: bool = False,
 ) -> torch.Tensor:
     """DELLA: per row, keep probability rises linearly with |delta| rank from d-eps to d+eps;
@@ -88,5 +89,5 @@ def della_magprune(
     else:
         # One entry has no rank spread; mergekit divides 0/0 here.
         probability = torch.full(rows.shape, density, dtype=torch.float32)
-    draws = torch.rand(rows.shape, generator=generator, dtype=torch.float32)
-    return _finish(delta, (draws.to(delta.device) < probability).reshape(delta.shape), rescale)
+    draws = stream.uniform(key, 0, delta.numel(), delta.device).reshape(rows.shape)
+    return _finish(delta, draws < probability, rescale)
