@@ -332,7 +332,7 @@ def della_keep(
     starting at flat index `start`: each entry kept when its ops.stream draw is below
     tie_averaged_rank / (width - 1) * scale + offset, in float32."""
     rows, width = magnitude.shape
-    assert magnitude.dtype == torch.float32 and width > 1 and width < 1 << 32
+    assert magnitude.dtype == torch.float32 and 1 < width < 1 << 31
     magnitude = magnitude.contiguous()
     keep = torch.empty(rows * width, dtype=torch.float32)
     kernel = _loaded().ms_della_keep

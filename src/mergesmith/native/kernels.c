@@ -464,20 +464,30 @@ KERNEL void ms_stream_keep(uint64_t key, int64_t start, int64_t count, int64_t t
     }
 }
 
-/* Sorts `count` (key << 32 | index) items by key: least significant byte first, skipping the
- * bytes all keys share. `tmp` has room for `count` items; the result may end in either. */
+/* Sorts `count` (key << 32 | index) items by key: least significant byte first, with the four
+ * byte histograms counted in one pass, skipping the bytes all keys share. `tmp` has room for
+ * `count` items; the result may end in either. */
 static uint64_t *radix_sort_keys(uint64_t *items, uint64_t *tmp, int64_t count) {
-    for (int shift = 32; shift < 64; shift += 8) {
-        int64_t bucket[256] = {0};
-        for (int64_t i = 0; i < count; i++) bucket[(items[i] >> shift) & 255]++;
-        if (bucket[(items[0] >> shift) & 255] == count) continue;
-        int64_t at = 0;
-        for (int b = 0; b < 256; b++) {
-            int64_t c = bucket[b];
-            bucket[b] = at;
+    uint32_t bucket[4][256];
+    memset(bucket, 0, sizeof bucket);
+    for (int64_t i = 0; i < count; i++) {
+        const uint32_t key = (uint32_t)(items[i] >> 32);
+        bucket[0][key & 255]++;
+        bucket[1][(key >> 8) & 255]++;
+        bucket[2][(key >> 16) & 255]++;
+        bucket[3][key >> 24]++;
+    }
+    for (int digit = 0; digit < 4; digit++) {
+        const int shift = 32 + 8 * digit;
+        uint32_t *b = bucket[digit];
+        if (b[(items[0] >> shift) & 255] == (uint32_t)count) continue;
+        uint32_t at = 0;
+        for (int v = 0; v < 256; v++) {
+            const uint32_t c = b[v];
+            b[v] = at;
             at += c;
         }
-        for (int64_t i = 0; i < count; i++) tmp[bucket[(items[i] >> shift) & 255]++] = items[i];
+        for (int64_t i = 0; i < count; i++) tmp[b[(items[i] >> shift) & 255]++] = items[i];
         uint64_t *swap = items;
         items = tmp;
         tmp = swap;
@@ -500,18 +510,25 @@ KERNEL int ms_della_keep(const float *magnitude, int64_t rows, int64_t width, ui
         float *k = keep + r * width;
         for (int64_t i = 0; i < width; i++)
             scratch[i] = (uint64_t)float_to_bits(m[i]) << 32 | (uint64_t)i;
-        const uint64_t *sorted = radix_sort_keys(scratch, scratch + width, width);
-        for (int64_t first = 0; first < width;) {
-            int64_t end = first + 1;
-            while (end < width && (sorted[end] >> 32) == (sorted[first] >> 32)) end++;
-            const float rank = (float)(first + end - 1) / 2.0f;
-            const float p = rank / spread * scale + offset;
-            for (int64_t j = first; j < end; j++) {
-                const int64_t i = (int64_t)(sorted[j] & 0xFFFFFFFFu);
-                const uint64_t index = (uint64_t)(start + r * width + i);
-                k[i] = (float)((float)draw24(key, index) * 0x1p-24f < p);
-            }
-            first = end;
+        uint64_t *sorted = radix_sort_keys(scratch, scratch + width, width);
+        /* Each sorted position's run of equal keys, without branching on it (runs are short
+         * and of any length, so branches would mispredict): its first position on the way
+         * forward, its last on the way back, where the item's column of k takes the run's
+         * mean rank. A second, sequential pass turns ranks into keep decisions. */
+        int32_t *firsts = (int32_t *)(sorted == scratch ? scratch + width : scratch);
+        int64_t run = 0;
+        for (int64_t j = 0; j < width; j++) {
+            run = j > 0 && (sorted[j] >> 32) == (sorted[j - 1] >> 32) ? run : j;
+            firsts[j] = (int32_t)run;
+        }
+        for (int64_t j = width - 1; j >= 0; j--) {
+            run = j < width - 1 && (sorted[j] >> 32) == (sorted[j + 1] >> 32) ? run : j;
+            k[sorted[j] & 0xFFFFFFFFu] = (float)(firsts[j] + run) / 2.0f;
+        }
+        const int64_t row_start = start + r * width;
+        for (int64_t i = 0; i < width; i++) {
+            const float p = k[i] / spread * scale + offset;
+            k[i] = (float)((float)draw24(key, (uint64_t)(row_start + i)) * 0x1p-24f < p);
         }
     }
     free(scratch);
