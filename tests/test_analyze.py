@@ -294,6 +294,19 @@ def test_slices_with_different_models_per_layer_do_not_crash(tiny: Path, tmp_pat
     assert layer0["norm"][1] is None and layer0["cosine"][0][1] is None
 
 
+def test_a_group_of_the_base_alone_is_skipped(tiny: Path, tmp_path: Path) -> None:
+    # task_arithmetic with only its base writes the base: no task vector to describe.
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: task_arithmetic\nbase_model: {tiny}/base\n"
+        f"slices:\n  - sources: [{{model: {tiny}/base, layer_range: [0, 2]}}]\n",
+    )
+    analyze(recipe, tmp_path / "analysis")
+    data = json.loads((tmp_path / "analysis" / "analysis.json").read_text())
+    assert data["models"] == [] and data["overall"]["tensors"] == 0
+    assert set(data["skipped"]) == set(SHAPES)
+
+
 def test_every_input_is_released_after_its_job(tiny: Path, tmp_path: Path, monkeypatch) -> None:
     from mergesmith.analyze.run import collect
     from mergesmith.sources.base import ModelSource

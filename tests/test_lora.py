@@ -243,6 +243,36 @@ def test_a_merge_applies_the_adapter_to_that_model_only(family: Family, tmp_path
         assert (ours[name] - tensor).abs().max() <= 1e-6 * tensor.abs().max(), name
 
 
+def test_task_arithmetic_of_the_base_alone_writes_the_base_with_its_adapter(
+    family: Family, tmp_path: Path
+) -> None:
+    """Published recipe 033's form: `MODEL+LORA` as base and as the one source of a slice. No
+    task vector: mergekit writes the base, adapter applied, and so do we, with a warning."""
+    base, _ = family
+    pair = lora_pair(Q, 4, 32, 32, 6)
+    adapter = write_adapter(tmp_path / "lora", pair)
+    text = f"""merge_method: task_arithmetic
+base_model: {base}+{adapter}
+slices:
+  - sources:
+      - model: {base}+{adapter}
+        layer_range: [0, 4]
+        parameters: {{weight: 1.0}}
+dtype: float32
+"""
+    recipe = write_recipe(tmp_path, text)
+    done = run_cli("run", recipe, tmp_path / "out")
+    assert done.returncode == 0, done.stderr
+    assert "task_arithmetic has no model besides the base" in done.stderr
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    plain = load_file(base / "model.safetensors")
+    a, b = pair[f"{Q}.lora_A.weight"], pair[f"{Q}.lora_B.weight"]
+    expected = exact(plain[f"{Q}.weight"], a, b, 8 / 4)
+    assert (got[f"{Q}.weight"].double() - expected).abs().max() <= 1e-6 * expected.abs().max()
+    assert got.keys() == plain.keys()
+    assert all(torch.equal(got[n], t) for n, t in plain.items() if n != f"{Q}.weight")
+
+
 @pytest.mark.parametrize("fan_in_fan_out", [False, True])
 def test_a_square_weights_orientation_comes_from_fan_in_fan_out(fan_in_fan_out: bool) -> None:
     """Non-square weights show their orientation by their shape; for a square one, the

@@ -13,6 +13,7 @@ from mergesmith import merge
 from mergesmith.errors import MergeError, MergeErrors
 from mergesmith.pipeline import plan_stages
 from tests.conftest import run_cli, write_recipe
+from tests.test_lora import Q, exact, lora_pair, write_adapter
 
 LAYER = "model.layers.1.mlp.up_proj.weight"
 
@@ -153,3 +154,60 @@ def test_a_single_named_document_is_a_plain_recipe(family, tmp_path: Path):
     merge(write_recipe(tmp_path, text), out)
     x, y = tensors(tuned[0])[LAYER], tensors(tuned[1])[LAYER]
     torch.testing.assert_close(tensors(out)[LAYER], 0.5 * x + 0.5 * y, rtol=1e-6, atol=1e-7)
+
+
+def test_a_stage_with_an_adapter_is_its_output_with_the_adapter_applied(family, tmp_path: Path):
+    """`soup+ADAPTER`: the final stage reads soup's output with a LoRA applied per tensor, as
+    for a model folder; expected by hand from the stage's own output (kept) and the formula."""
+    base, tuned = family
+    pair = lora_pair(Q, 4, 32, 32, 5)
+    adapter = write_adapter(tmp_path / "lora", pair)
+    text = pipeline(base, tuned).replace("- model: soup", f"- model: soup+{adapter}")
+    out = tmp_path / "out"
+    merge(write_recipe(tmp_path, text), out, keep_stages=True)
+    soup = tensors(tmp_path / ".out.stages" / "soup")
+    b, got = tensors(base), tensors(out)
+    adapted = exact(soup[f"{Q}.weight"], pair[f"{Q}.lora_A.weight"], pair[f"{Q}.lora_B.weight"], 2)
+    expected = b[f"{Q}.weight"].double() + 0.8 * (adapted - b[f"{Q}.weight"].double())
+    torch.testing.assert_close(got[f"{Q}.weight"].double(), expected, rtol=1e-5, atol=1e-6)
+    # The adapter touches q_proj only: every other tensor is the plain pipeline's.
+    expected_layer = b[LAYER] + 0.8 * (soup[LAYER] - b[LAYER])
+    torch.testing.assert_close(got[LAYER], expected_layer, rtol=1e-6, atol=1e-7)
+
+
+def test_an_adapter_that_does_not_fit_a_stage_is_refused_before_any_stage_runs(
+    family, tmp_path: Path
+):
+    """Checked against the stage's planned output: soup keeps two layers, the adapter names
+    layer 3. Nothing is merged, not even soup."""
+    _base, tuned = family
+    adapter = write_adapter(
+        tmp_path / "lora", lora_pair("model.layers.3.mlp.up_proj", 2, 32, 64, 1)
+    )
+    text = f"""merge_method: task_arithmetic
+base_model: {tuned[2]}
+slices:
+  - sources:
+      - {{model: soup+{adapter}, layer_range: [0, 2], parameters: {{weight: 1.0}}}}
+      - {{model: {tuned[2]}, layer_range: [0, 2]}}
+---
+name: soup
+merge_method: passthrough
+slices:
+  - sources: [{{model: {tuned[0]}, layer_range: [0, 2]}}]
+"""
+    recipe = write_recipe(tmp_path, text)
+    done = run_cli("run", recipe, tmp_path / "out")
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert "recipe.yml:5" in done.stderr and f"soup+{adapter}" in done.stderr
+    assert "model.layers.3.mlp.up_proj" in done.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / ".out.stages").exists()
+
+
+def test_a_stage_with_a_revision_is_an_error(family, tmp_path: Path):
+    base, tuned = family
+    text = pipeline(base, tuned).replace("- model: soup", "- model: soup@v1")
+    with pytest.raises(MergeError) as info:
+        plan_stages(write_recipe(tmp_path, text))
+    found = messages(info.value)
+    assert "recipe.yml:4" in found and "stage 'soup' is merged by this recipe" in found

@@ -39,17 +39,29 @@ def open_sources(
 ) -> dict[str, ModelSource]:
     """Open every model the recipe names, reading headers only; report all failures together.
     `stage_outputs` maps the names of earlier pipeline stages to their output folders (or, for
-    planning, to sources describing outputs not yet written)."""
+    planning, to sources describing outputs not yet written); `STAGE+ADAPTER` is a stage's
+    output with a LoRA adapter applied on read, as for any model."""
+    from mergesmith.sources.lora import open_adapter
+
     sources: dict[str, ModelSource] = {}
     problems: list[MergeError] = []
     stage_outputs = stage_outputs or {}
     for ref in recipe.referenced_models():
         given = stage_outputs.get(ref.text)
+        stage = stage_outputs.get(ref.path)
         try:
             if isinstance(given, ModelSource):
                 sources[ref.text] = given
             elif given is not None:
                 sources[ref.text] = open_model(ref.text, str(given))
+            elif ref.adapter is not None and isinstance(stage, ModelSource):
+                sources[ref.text] = open_adapter(
+                    ref.text, stage, ref.adapter, ref.adapter_revision, owns_base=False
+                )
+            elif ref.adapter is not None and stage is not None:
+                sources[ref.text] = open_model(
+                    ref.text, str(stage), None, ref.adapter, ref.adapter_revision
+                )
             else:
                 sources[ref.text] = open_model(
                     ref.text, ref.path, ref.revision, ref.adapter, ref.adapter_revision

@@ -9,7 +9,7 @@ from __future__ import annotations
 import copy
 import difflib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -174,8 +174,20 @@ class SliceSpec:
 
 
 @dataclass(frozen=True)
+class ModuleSpec:
+    """One module of the `modules:` form (a text decoder, a vision tower, ...): its own models
+    or slices, and parameters between the slices' and the top level's."""
+
+    name: str
+    models: tuple[ModelInput, ...] | None
+    slices: tuple[SliceSpec, ...] | None
+    parameters: dict[str, Setting]
+
+
+@dataclass(frozen=True)
 class Recipe:
-    """A validated recipe. `slices` is None for the `models:` form."""
+    """A validated recipe. `slices` is None for the `models:` form; both are None when the
+    recipe has several `modules:`, each a recipe of its own through `for_module`."""
 
     merge_method: str
     base_model: ModelRef | None
@@ -191,9 +203,24 @@ class Recipe:
     lines: dict[tuple[str | int, ...], int] = field(repr=False, default_factory=dict)
     name: str | None = None  # a pipeline stage's name, which later stages use as a model
     # `modules: {NAME: {..., parameters}}`: the module's parameters, between the slices' and the
-    # top level's.
+    # top level's. A single module is also hoisted into models/slices, so that a single-tower
+    # model's `default` plans like the plain form.
     module_parameters: dict[str, Setting] = field(default_factory=dict)
     module_name: str | None = None
+    modules: tuple[ModuleSpec, ...] = ()
+
+    def for_module(self, module: ModuleSpec) -> Recipe:
+        """The recipe as one module sees it: the module's models or slices and parameters, its
+        lines under the plain form's paths (so messages name the line inside the module)."""
+        return replace(
+            self,
+            models=module.models,
+            slices=module.slices,
+            module_parameters=module.parameters,
+            module_name=module.name,
+            modules=(module,),
+            lines={**self.lines, **_module_lines(self.lines, module.name)},
+        )
 
     def line(self, *path: str | int) -> int | None:
         return line_of(self.lines, tuple(path))
@@ -206,9 +233,11 @@ class Recipe:
         """Where the recipe first names the model `text` (file:line)."""
         if self.base_model and self.base_model.text == text:
             return self.where("base_model")
-        entries = list(self.models or ())
-        for spec in self.slices or ():
-            entries += spec.sources
+        entries = []
+        for models, slices in self._inputs():
+            entries += models or ()
+            for spec in slices or ():
+                entries += spec.sources
         return next((e.where for e in entries if e.ref.text == text and e.where), self.source_name)
 
     def referenced_models(self) -> list[ModelRef]:
@@ -216,14 +245,23 @@ class Recipe:
         seen: dict[str, ModelRef] = {}
         if self.base_model:
             seen[self.base_model.text] = self.base_model
-        for entry in self.models or ():
-            seen.setdefault(entry.ref.text, entry.ref)
-        for spec in self.slices or ():
-            if spec.base_model:
-                seen.setdefault(spec.base_model.text, spec.base_model)
-            for src in spec.sources:
-                seen.setdefault(src.ref.text, src.ref)
+        for models, slices in self._inputs():
+            for entry in models or ():
+                seen.setdefault(entry.ref.text, entry.ref)
+            for spec in slices or ():
+                if spec.base_model:
+                    seen.setdefault(spec.base_model.text, spec.base_model)
+                for src in spec.sources:
+                    seen.setdefault(src.ref.text, src.ref)
         return list(seen.values())
+
+    def _inputs(
+        self,
+    ) -> list[tuple[tuple[ModelInput, ...] | None, tuple[SliceSpec, ...] | None]]:
+        """(models, slices) of the plain form, or of each module."""
+        if self.models is None and self.slices is None:
+            return [(m.models, m.slices) for m in self.modules]
+        return [(self.models, self.slices)]
 
 
 def load_recipe(recipe: str | Path | dict[str, Any]) -> Recipe:
@@ -321,11 +359,12 @@ def _parse_document(
             raise MergeErrors(problems) from None
         raw = salvaged
 
-    module = None
-    if raw.modules is not None:
-        raw, module, module_problems = _hoist_module(raw, lines, where)
-        problems += module_problems
-    elif (raw.models is None) == (raw.slices is None):
+    module_problems = _module_problems(raw, where) if raw.modules is not None else []
+    problems += module_problems
+    hoisted = None
+    if raw.modules is not None and not module_problems and len(raw.modules) == 1:
+        raw, hoisted = _hoist_module(raw, lines)
+    elif raw.modules is None and (raw.models is None) == (raw.slices is None):
         problems.append(
             MergeError(
                 f"{source_name}: the recipe needs exactly one of 'models:', 'slices:' or "
@@ -357,6 +396,8 @@ def _parse_document(
                     "Jinja template itself",
                 )
             )
+    # Before the inputs copy their blocks: a malformed setting is left out of the partial recipe.
+    problems.extend(_check_settings(raw, where, hoisted))
 
     def ref(text: str, path: tuple[str | int, ...]) -> ModelRef | None:
         try:
@@ -366,46 +407,20 @@ def _parse_document(
             return None
 
     base = ref(raw.base_model, ("base_model",)) if raw.base_model else None
-    models = None
-    if raw.models:
-        entries = []
-        for i, m in enumerate(raw.models):
-            r = ref(m.model, ("models", i, "model"))
-            if r is not None:
-                entries.append(ModelInput(r, dict(m.parameters or {}), None, where(("models", i))))
-        models = tuple(entries)
-    slices = None
-    if raw.slices:
-        specs = []
-        for si, s in enumerate(raw.slices):
-            sources = []
-            for j, src in enumerate(s.sources):
-                r = ref(src.model, ("slices", si, "sources", j, "model"))
-                if r is not None:
-                    sources.append(
-                        ModelInput(
-                            r,
-                            dict(src.parameters or {}),
-                            (src.layer_range[0], src.layer_range[1]),
-                            where(("slices", si, "sources", j)),
-                        )
-                    )
-            if not s.sources:
-                problems.append(
-                    MergeError(
-                        f"{where(('slices', si))}: slice has no sources",
-                        "add '- model: PATH' with a layer_range under 'sources:'",
-                    )
-                )
-            slice_base = ref(s.base_model, ("slices", si, "base_model")) if s.base_model else None
-            specs.append(
-                SliceSpec(
-                    tuple(sources), slice_base, dict(s.parameters or {}), where(("slices", si))
-                )
+    models, slices = _inputs(raw.models, raw.slices, (), ref, where, problems)
+    modules: tuple[ModuleSpec, ...] = ()
+    if hoisted is not None:
+        name = next(iter(raw.modules or {}))
+        modules = (ModuleSpec(name, models, slices, dict(hoisted.parameters or {})),)
+    elif raw.modules and not module_problems:
+        modules = tuple(
+            ModuleSpec(
+                name,
+                *_inputs(module.models, module.slices, ("modules", name), ref, where, problems),
+                dict(module.parameters or {}),
             )
-        slices = tuple(specs)
-
-    problems.extend(_check_settings(raw, where, module))
+            for name, module in raw.modules.items()
+        )
     recipe = Recipe(
         name=raw.name,
         merge_method=raw.merge_method,
@@ -413,8 +428,9 @@ def _parse_document(
         models=models,
         slices=slices,
         parameters=dict(raw.parameters or {}),
-        module_parameters=dict(module.parameters or {}) if module else {},
-        module_name=next(iter(raw.modules)) if raw.modules else None,
+        module_parameters=modules[0].parameters if hoisted else {},
+        module_name=modules[0].name if hoisted else None,
+        modules=modules,
         dtype=raw.dtype,
         out_dtype=raw.out_dtype,
         tokenizer=None if tokenizer_problems else tokenizer,
@@ -425,8 +441,65 @@ def _parse_document(
     )
     if problems:
         plannable = (models is None) != (slices is None) and bool(models or slices)
-        raise RecipeProblems(problems, recipe if plannable else None)
+        raise RecipeProblems(problems, recipe if plannable or len(modules) > 1 else None)
     return recipe
+
+
+def _inputs(
+    raw_models: list[_ModelYaml] | None,
+    raw_slices: list[_SliceYaml] | None,
+    at: tuple[str, ...],
+    ref: Any,
+    where: Any,
+    problems: list[MergeError],
+) -> tuple[tuple[ModelInput, ...] | None, tuple[SliceSpec, ...] | None]:
+    """The models or slices of the recipe, or of the module at `at` (the path of its key)."""
+    models = None
+    if raw_models:
+        entries = []
+        for i, m in enumerate(raw_models):
+            r = ref(m.model, (*at, "models", i, "model"))
+            if r is not None:
+                entries.append(
+                    ModelInput(r, dict(m.parameters or {}), None, where((*at, "models", i)))
+                )
+        models = tuple(entries)
+    slices = None
+    if raw_slices:
+        specs = []
+        for si, s in enumerate(raw_slices):
+            sources = []
+            for j, src in enumerate(s.sources):
+                r = ref(src.model, (*at, "slices", si, "sources", j, "model"))
+                if r is not None:
+                    sources.append(
+                        ModelInput(
+                            r,
+                            dict(src.parameters or {}),
+                            (src.layer_range[0], src.layer_range[1]),
+                            where((*at, "slices", si, "sources", j)),
+                        )
+                    )
+            if not s.sources:
+                problems.append(
+                    MergeError(
+                        f"{where((*at, 'slices', si))}: slice has no sources",
+                        "add '- model: PATH' with a layer_range under 'sources:'",
+                    )
+                )
+            slice_base = (
+                ref(s.base_model, (*at, "slices", si, "base_model")) if s.base_model else None
+            )
+            specs.append(
+                SliceSpec(
+                    tuple(sources),
+                    slice_base,
+                    dict(s.parameters or {}),
+                    where((*at, "slices", si)),
+                )
+            )
+        slices = tuple(specs)
+    return models, slices
 
 
 class RecipeProblems(MergeErrors):
@@ -525,75 +598,93 @@ def _lookup(data: Any, loc: tuple[Any, ...]) -> Any:
     return data
 
 
-def _hoist_module(
-    raw: _RecipeYaml, lines: dict[tuple[str | int, ...], int], where: Any
-) -> tuple[_RecipeYaml, _ModuleYaml | None, list[MergeError]]:
-    """mergekit's `modules: {NAME: {slices | models, parameters}}` form. One module (a
-    single-tower model's `default`) is the recipe's models or slices, its parameters one level
-    between the slices' and the top level's; its lines are mapped to those paths."""
+def _module_problems(raw: _RecipeYaml, where: Any) -> list[MergeError]:
+    """What is wrong with mergekit's `modules: {NAME: {slices | models, parameters}}` form as
+    written; which names an architecture has is checked against the models in the plan."""
     modules = raw.modules or {}
     if raw.models is not None or raw.slices is not None:
-        return (
-            raw,
-            None,
-            [
+        return [
+            MergeError(
+                f"{where(('modules',))}: the recipe has 'modules:' and also 'models:' or 'slices:'",
+                "keep one of them",
+            )
+        ]
+    if not modules:
+        return [
+            MergeError(
+                f"{where(('modules',))}: 'modules' is empty",
+                "name a module (a single-tower model's is 'default') with its models or slices",
+            )
+        ]
+    problems = []
+    for name, module in modules.items():
+        if (module.models is None) == (module.slices is None):
+            problems.append(
                 MergeError(
-                    f"{where(('modules',))}: the recipe has 'modules:' and also 'models:' or "
-                    "'slices:'",
-                    "keep one of them",
-                )
-            ],
-        )
-    if len(modules) != 1:
-        names = ", ".join(modules) or "none"
-        return (
-            raw,
-            None,
-            [
-                MergeError(
-                    f"{where(('modules',))}: {len(modules)} modules ({names}); merging several "
-                    "modules (text and vision towers) needs each architecture's tensor prefixes, "
-                    "which mergesmith does not know yet",
-                    "merge one module at a time, as 'models:' or 'slices:'",
-                )
-            ],
-        )
-    name, module = next(iter(modules.items()))
-    if (module.models is None) == (module.slices is None):
-        return (
-            raw,
-            None,
-            [
-                MergeError(
-                    f"{where(('modules', name))}: module '{name}' needs exactly one of 'models:' "
-                    "or 'slices:'",
+                    f"{where(('modules', name))}: module '{name}' needs exactly one of "
+                    "'models:' or 'slices:'",
                     "list its models under 'models:', or its slices under 'slices:'",
                 )
-            ],
-        )
-    for path, line in list(lines.items()):
-        if path[:2] == ("modules", name) and len(path) > 2 and path[2] in ("models", "slices"):
-            lines[path[2:]] = line
-    hoisted = raw.model_copy(update={"models": module.models, "slices": module.slices})
-    return hoisted, module, []
+            )
+        for key in ("models", "slices"):
+            if getattr(module, key) == []:
+                problems.append(
+                    MergeError(
+                        f"{where(('modules', name, key))}: module '{name}': '{key}' is empty",
+                        "list at least one entry",
+                    )
+                )
+    return problems
+
+
+def _hoist_module(
+    raw: _RecipeYaml, lines: dict[tuple[str | int, ...], int]
+) -> tuple[_RecipeYaml, _ModuleYaml]:
+    """One module (a single-tower model's `default`) read as the recipe's models or slices, its
+    parameters one level between the slices' and the top level's; its lines are mapped to those
+    paths."""
+    name, module = next(iter((raw.modules or {}).items()))
+    lines.update(_module_lines(lines, name))
+    return raw.model_copy(update={"models": module.models, "slices": module.slices}), module
+
+
+def _module_lines(
+    lines: dict[tuple[str | int, ...], int], name: str
+) -> dict[tuple[str | int, ...], int]:
+    """The lines of module `name`'s models and slices under the plain form's paths."""
+    return {
+        path[2:]: line
+        for path, line in lines.items()
+        if path[:2] == ("modules", name) and len(path) > 2 and path[2] in ("models", "slices")
+    }
 
 
 def _check_settings(
-    raw: _RecipeYaml, where: Any, module: _ModuleYaml | None = None
+    raw: _RecipeYaml, where: Any, hoisted: _ModuleYaml | None = None
 ) -> list[MergeError]:
     """Shape checks on parameter values; method-specific checks come with the plan."""
     problems: list[MergeError] = []
     blocks: list[tuple[tuple[str | int, ...], dict[str, Any] | None]] = [
         (("parameters",), raw.parameters)
     ]
-    if module is not None and raw.modules:
-        blocks.append((("modules", next(iter(raw.modules)), "parameters"), module.parameters))
-    for i, m in enumerate(raw.models or []):
-        blocks.append((("models", i, "parameters"), m.parameters))
-    for si, s in enumerate(raw.slices or []):
-        blocks.append((("slices", si, "parameters"), s.parameters))
-        for j, src in enumerate(s.sources):
-            blocks.append((("slices", si, "sources", j, "parameters"), src.parameters))
+    inputs: list[tuple[tuple[str, ...], list[_ModelYaml] | None, list[_SliceYaml] | None]] = [
+        ((), raw.models, raw.slices)
+    ]
+    if hoisted is not None:
+        blocks.append(
+            (("modules", next(iter(raw.modules or {})), "parameters"), hoisted.parameters)
+        )
+    elif raw.modules:
+        for name, module in raw.modules.items():
+            blocks.append((("modules", name, "parameters"), module.parameters))
+            inputs.append((("modules", name), module.models, module.slices))
+    for at, models, slices in inputs:
+        for i, m in enumerate(models or []):
+            blocks.append(((*at, "models", i, "parameters"), m.parameters))
+        for si, s in enumerate(slices or []):
+            blocks.append(((*at, "slices", si, "parameters"), s.parameters))
+            for j, src in enumerate(s.sources):
+                blocks.append(((*at, "slices", si, "sources", j, "parameters"), src.parameters))
     for path, block in blocks:
         for name, value in list((block or {}).items()):
             problem = setting_problem(value)

@@ -92,21 +92,33 @@ def order_stages(recipes: list[Recipe]) -> list[Stage]:
 def _stage_references(
     recipe: Recipe, names: list[str], problems: list[MergeError]
 ) -> tuple[str, ...]:
-    """The stage names this recipe reads; a model that is not a folder but is spelled almost like
-    a stage is taken for a misspelled stage (a hub lookup would fail far less clearly)."""
+    """The stage names this recipe reads (`STAGE`, or `STAGE+ADAPTER`: the stage's output with
+    a LoRA adapter applied, as mergekit-multi reads it); a model that is not a folder but is
+    spelled almost like a stage is taken for a misspelled stage (a hub lookup would fail far
+    less clearly)."""
     needs = []
     for ref in recipe.referenced_models():
-        if ref.text in names:
-            if ref.text == recipe.name:
+        stage = ref.text if ref.text in names else ref.path if ref.path in names else None
+        if stage is not None:
+            where = recipe.model_where(ref.text)
+            if stage == recipe.name:
                 problems.append(
                     MergeError(
-                        f"{recipe.model_where(ref.text)}: stage '{ref.text}' reads its own output",
+                        f"{where}: stage '{stage}' reads its own output",
                         "a stage can use only the stages before it",
                     )
                 )
-            needs.append(ref.text)
+            if ref.revision is not None:
+                problems.append(
+                    MergeError(
+                        f"{where}: model '{ref.text}': stage '{stage}' is merged by this recipe, "
+                        "so it has no revisions",
+                        f"drop '@{ref.revision}'",
+                    )
+                )
+            needs.append(stage)
         elif not Path(ref.path).expanduser().exists():
-            close = difflib.get_close_matches(ref.text, names, n=1, cutoff=0.8)
+            close = difflib.get_close_matches(ref.path, names, n=1, cutoff=0.8)
             if close:
                 problems.append(
                     MergeError(

@@ -59,7 +59,7 @@ def collect(
     torch.set_num_threads(1)
     try:
         for done, job in enumerate(plan.jobs, 1):
-            if job.copy_only:
+            if job.copy_only or not job.inputs:  # nothing to compare (a base alone)
                 analysis.skipped.append(job.name)
             else:
                 try:

@@ -13,8 +13,9 @@ from mergesmith.errors import MergeError, MergeErrors
 from mergesmith.layers import is_embedding, is_input_side, layer_of
 from mergesmith.methods.registry import JobSize, MergeMethod
 from mergesmith.plan.jobs import Plan, TensorInput, TensorJob, derive_seed
-from mergesmith.plan.layers import Group, groups_of, layer_steps, layer_templates
+from mergesmith.plan.layers import Group, groups_of, layer_count, layer_steps, layer_templates
 from mergesmith.plan.method_checks import check_parameter_names, find_method, split_base
+from mergesmith.plan.modules import module_parts
 from mergesmith.plan.params import ParamResolver
 from mergesmith.plan.problems import Findings
 from mergesmith.sources.base import ModelSource
@@ -36,6 +37,7 @@ class _Builder:
         seed: int,
         findings: Findings,
         vocab: OutputVocab | None,
+        jobs: list[TensorJob],
     ) -> None:
         self.recipe = recipe
         self.vocab = vocab
@@ -45,7 +47,7 @@ class _Builder:
         self.seed = seed
         self.findings = findings
         self.params = ParamResolver(recipe, method, findings)
-        self.jobs: list[TensorJob] = []
+        self.jobs = jobs  # shared by the modules' builders: one list, one numbering
 
     def group(self, group: Group, layer_out: int, part: str) -> int:
         """Add jobs for one group: 'pre' and 'post' non-layer tensors, or 'layers'. Returns the
@@ -279,17 +281,23 @@ def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0
         findings.problems.extend(check_sources(vocab))
         for warning in vocab.warnings:
             findings.warn(warning)
-    groups = groups_of(recipe, sources, findings)
-    builder = _Builder(recipe, method, sources, seed, findings, vocab)
+    jobs: list[TensorJob] = []
     num_layers = None
-    if groups and not findings.problems:
-        layer_out = 0
-        builder.group(groups[0], 0, "pre")
-        for group in groups:
-            layer_out = builder.group(group, layer_out, "layers")
-        builder.group(groups[-1], layer_out, "post")
-        num_layers = layer_out if recipe.slices is not None else None
-    names = [job.name for job in builder.jobs]
+    parts = module_parts(recipe, sources, findings)
+    for part, part_sources in parts:
+        groups = groups_of(part, part_sources, findings)
+        builder = _Builder(part, method, part_sources, seed, findings, vocab, jobs)
+        if groups and not findings.problems:
+            layer_out = 0
+            builder.group(groups[0], 0, "pre")
+            for group in groups:
+                layer_out = builder.group(group, layer_out, "layers")
+            builder.group(groups[-1], layer_out, "post")
+            if part is recipe:
+                num_layers = layer_out if recipe.slices is not None else None
+            elif part.slices is not None:
+                _check_module_layers(part, part_sources, layer_out, findings)
+    names = [job.name for job in jobs]
     if len(set(names)) != len(names):
         dupes = sorted({n for n in names if names.count(n) > 1})
         findings.problem(
@@ -298,8 +306,10 @@ def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0
         )
     if findings.problems:
         raise MergeErrors(findings.problems)
-    for warning in _dropped_tensor_warnings(recipe, sources, builder.jobs):
-        findings.warn(warning)
+    if all(part is recipe for part, _ in parts):
+        # Modules warn of what they leave out themselves (plan/modules.py).
+        for warning in _dropped_tensor_warnings(recipe, sources, jobs):
+            findings.warn(warning)
     template = chat_template_text(recipe, sources)
     tokenizer = vocab.tokenizer if vocab is not None else None
     if tokenizer is None and recipe.chat_template and tokenizer_folder is not None:
@@ -308,7 +318,7 @@ def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0
     return Plan(
         recipe=recipe,
         method=method,
-        jobs=builder.jobs,
+        jobs=jobs,
         config_model=first.text if first else None,
         tokenizer_model=tokenizer_model,
         tokenizer_folder=tokenizer_folder,
@@ -319,6 +329,23 @@ def build_plan(recipe: Recipe, sources: Mapping[str, ModelSource], seed: int = 0
         seed=seed,
         warnings=findings.warnings,
     )
+
+
+def _check_module_layers(
+    module: Recipe, sources: Mapping[str, ModelSource], layers: int, findings: Findings
+) -> None:
+    """A module's slices must keep its layer count: mergekit writes the new count into the
+    module's own config key (text_config.num_hidden_layers, vision_config.depth, ...), and the
+    output config here is the reference model's as it stands."""
+    reference = module.base_model or module.referenced_models()[0]
+    have = layer_count(sources.get(reference.text))
+    if have is not None and have != layers:
+        findings.problem(
+            f"{module.where('modules', str(module.module_name), 'slices')}: module "
+            f"'{module.module_name}' would have {layers} layers where '{reference.text}' has "
+            f"{have}; a module's changed layer count is not written into config.json yet",
+            f"give the module's slices {have} layers in all",
+        )
 
 
 def _tokenizer_folder(model: str | None, sources: Mapping[str, ModelSource]) -> Path | None:

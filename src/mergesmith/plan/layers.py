@@ -9,6 +9,7 @@ from typing import Any
 
 from mergesmith.config import ModelInput, Recipe
 from mergesmith.layers import layer_of
+from mergesmith.plan.modules import ModuleView
 from mergesmith.plan.problems import Findings
 from mergesmith.sources.base import ModelSource
 
@@ -114,6 +115,8 @@ def layer_count(source: ModelSource | None) -> int | None:
         return None
     indexes = [hit[1] for name in source.tensors if (hit := layer_of(name))]
     found = max(indexes) + 1 if indexes else 0
+    if isinstance(source, ModuleView):
+        return found
     cfg = source.config or {}
     declared = cfg.get("num_hidden_layers") or cfg.get("n_layer")
     return max(found, declared) if isinstance(declared, int) and declared > 0 else found

@@ -14,6 +14,7 @@ from mergesmith.methods.registry import (
     get_method,
     parameter_names,
 )
+from mergesmith.methods.task_arithmetic import FAMILY
 from mergesmith.plan.problems import Findings
 
 
@@ -35,14 +36,18 @@ def parameter_blocks(
 ) -> Iterator[tuple[tuple[str | int, ...], dict[str, Any], bool]]:
     """(path, block, whether the block belongs to one model) for every `parameters:` block."""
     yield ("parameters",), recipe.parameters, False
-    if recipe.module_name is not None:
-        yield ("modules", recipe.module_name, "parameters"), recipe.module_parameters, False
-    for i, m in enumerate(recipe.models or ()):
-        yield ("models", i, "parameters"), m.parameters, True
-    for si, s in enumerate(recipe.slices or ()):
-        yield ("slices", si, "parameters"), s.parameters, False
-        for j, src in enumerate(s.sources):
-            yield ("slices", si, "sources", j, "parameters"), src.parameters, True
+    for module in recipe.modules:
+        yield ("modules", module.name, "parameters"), module.parameters, False
+    parts: list[tuple[tuple[str, ...], Any, Any]] = [((), recipe.models, recipe.slices)]
+    if recipe.models is None and recipe.slices is None:
+        parts = [(("modules", m.name), m.models, m.slices) for m in recipe.modules]
+    for at, models, slices in parts:
+        for i, m in enumerate(models or ()):
+            yield (*at, "models", i, "parameters"), m.parameters, True
+        for si, s in enumerate(slices or ()):
+            yield (*at, "slices", si, "parameters"), s.parameters, False
+            for j, src in enumerate(s.sources):
+                yield (*at, "slices", si, "sources", j, "parameters"), src.parameters, True
 
 
 def check_parameter_names(recipe: Recipe, method: MergeMethod, findings: Findings) -> set[str]:
@@ -114,6 +119,15 @@ def split_base(
                 f"{where}: {method.name} has no base model; '{base_text}' is merged as one more "
                 "input, as mergekit does"
             )
+    if not members and base_entry is not None and method.name in FAMILY:
+        # mergekit's task arithmetic takes the base alone and writes it; published recipes use
+        # this to bake an adapter into a model (`MODEL+LORA` as base and only source).
+        findings.warn(
+            f"{where}: {method.name} has no model besides the base '{base_entry.ref.text}', so "
+            "these tensors are the base's (with its adapter, if it has one), as mergekit "
+            "writes them"
+        )
+        return base_entry, members
     if len(members) < method.min_models or (
         method.max_models is not None and len(members) > method.max_models
     ):

@@ -76,12 +76,14 @@ class LoraSource(ModelSource):
         adapter: ModelSource,
         patches: dict[str, TensorPatch],
         adapter_files: list[Path],
+        owns_base: bool = True,
     ) -> None:
         super().__init__(ref, base.folder, base.tensors)
         self.base = base
         self.adapter = adapter
         self.patches = patches
         self._adapter_files = adapter_files
+        self._owns_base = owns_base
 
     @property
     def config(self) -> dict[str, Any] | None:
@@ -121,7 +123,8 @@ class LoraSource(ModelSource):
                     self.adapter.release(key)
 
     def close(self) -> None:
-        self.base.close()
+        if self._owns_base:
+            self.base.close()
         self.adapter.close()
 
 
@@ -179,10 +182,17 @@ def apply_lora(
 
 
 def open_adapter(
-    ref: str, base: ModelSource, adapter: str, revision: str | None = None
+    ref: str,
+    base: ModelSource,
+    adapter: str,
+    revision: str | None = None,
+    *,
+    owns_base: bool = True,
 ) -> LoraSource:
     """`base` with the adapter at `adapter` (a local folder or a hub id) applied on read.
-    Every check is made here, from headers and the adapter's config: none reads a weight."""
+    Every check is made here, from headers and the adapter's config: none reads a weight.
+    Without `owns_base`, closing the result leaves `base` open (a pipeline stage's planned
+    output, which later stages read too)."""
     shown = f"{adapter}@{revision}" if revision else adapter
     who = f"model '{ref}': adapter '{shown}'"
     folder = _adapter_folder(who, adapter, revision)
@@ -202,7 +212,7 @@ def open_adapter(
     except BaseException:
         source.close()
         raise
-    return LoraSource(ref, base, source, patches, [folder / CONFIG_FILE, weights])
+    return LoraSource(ref, base, source, patches, [folder / CONFIG_FILE, weights], owns_base)
 
 
 def _adapter_folder(who: str, adapter: str, revision: str | None) -> Path:
