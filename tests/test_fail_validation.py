@@ -346,3 +346,17 @@ def test_output_that_is_a_file_is_refused(family: Family, tmp_path: Path) -> Non
     with pytest.raises(MergeError) as info:
         check_output(target, sources, overwrite=True)
     assert str(target) in info.value.message and "file" in info.value.message
+
+
+def test_a_faulty_recipe_without_any_model_left_lists_its_own_problems() -> None:
+    # Found by the fuzz test: with the faulty key left out no model remains, and planning that
+    # remainder for more problems crashed (IndexError) instead of reporting the recipe's.
+    text = (
+        "merge_method: arcee_fusion\nslices:\n- sources: []\ntokenizer_source: base\n"
+        "chat_template: ''\n"
+    )
+    with pytest.raises(MergeErrors) as caught:
+        prepare(text)
+    messages = [e.message for e in caught.value.errors]
+    assert any("chat_template '' is not a built-in template" in m for m in messages)
+    assert any("sources" in m for m in messages)

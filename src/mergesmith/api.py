@@ -95,8 +95,8 @@ def _with_plan_problems(
     """The recipe's own problems, and those the models and the plan show once the keys at
     fault are left out: every problem in one run, not one round trip per mistake."""
     problems = list(found.errors)
-    if found.partial is None:
-        return MergeErrors(problems)
+    if found.partial is None or not found.partial.referenced_models():
+        return MergeErrors(problems)  # nothing left to open or plan
     sources: dict[str, ModelSource] = {}
     try:
         sources = open_sources(found.partial, stage_outputs)
