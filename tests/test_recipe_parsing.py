@@ -37,6 +37,39 @@ def test_all_problems_are_listed_at_once() -> None:
     assert "modles" in text_all and "base_modle" in text_all and "float17" in text_all
 
 
+@pytest.mark.parametrize(
+    ("text", "tool", "line"),
+    [
+        (
+            "model_name: m\ngenome:\n  models: [a, b]\n  merge_method: ties\ntasks:\n  - name: t\n",
+            "mergekit-evolve",
+            2,
+        ),
+        (
+            "base_model: a\ngate_mode: hidden\nexperts:\n  - source_model: b\n",
+            "mergekit-moe",
+            3,
+        ),
+    ],
+)
+def test_config_of_another_mergekit_tool_is_named_in_one_error(
+    text: str, tool: str, line: int
+) -> None:
+    with pytest.raises(MergeError) as info:
+        parse_recipe(text, "r.yml")
+    (msg,) = messages(info.value)
+    assert f"r.yml:{line}" in msg and f"this is a {tool} configuration" in msg
+    assert info.value.hint is not None and f"run it with {tool}" in info.value.hint
+
+
+def test_recipe_with_merge_method_and_a_stray_experts_key_gets_the_unknown_key_error() -> None:
+    text = "merge_method: linear\nmodels: [{model: a}]\nexperts: []\n"
+    with pytest.raises(MergeError) as info:
+        parse_recipe(text, "r.yml")
+    (msg,) = messages(info.value)
+    assert "unknown key 'experts'" in msg
+
+
 def test_yaml_syntax_error_gives_line_and_column() -> None:
     with pytest.raises(MergeError) as info:
         parse_recipe("merge_method: ties\nmodels:\n  - model: [a\n", "r.yml")

@@ -331,6 +331,13 @@ def _recipe_text(recipe: str | Path | dict[str, Any]) -> tuple[str, str]:
     return text, name
 
 
+# Top-level keys of configs for mergekit's other commands (none of them has `merge_method`).
+_OTHER_TOOLS = {
+    "genome": ("mergekit-evolve", "the search space of an evolutionary merge"),
+    "experts": ("mergekit-moe", "the experts of a mixture of experts"),
+}
+
+
 def parse_recipe(text: str, source_name: str = "<recipe>") -> Recipe:
     data, lines = load_with_positions(text, source_name)
     return _parse_document(data, lines, text, source_name)
@@ -348,6 +355,18 @@ def _parse_document(
     def where(path: tuple[str | int, ...]) -> str:
         line = line_of(lines, path)
         return f"{source_name}:{line}" if line else source_name
+
+    if "merge_method" not in data:
+        # Configs of mergekit's other tools get published beside recipes; one line naming the
+        # tool beats a list of every key it uses that a recipe does not have.
+        for key, (tool, what) in _OTHER_TOOLS.items():
+            if key in data:
+                raise MergeError(
+                    f"{where((key,))}: this is a {tool} configuration ('{key}:' describes "
+                    f"{what}), not a merge recipe",
+                    f"run it with {tool}; mergesmith runs mergekit-yaml recipes "
+                    "(merge_method with models: or slices:)",
+                )
 
     problems: list[MergeError] = []
     try:

@@ -1,6 +1,6 @@
 """Published mergekit recipes, run unchanged through mergekit 0.1.5 and through mergesmith.
 
-tests/recipes/published/ holds 45 recipes copied verbatim from model cards and repositories
+tests/recipes/published/ holds 57 recipes copied verbatim from model cards and repositories
 (its README.md lists where each comes from and what is odd about it). Each one is run by both
 tools with local stand-ins for the hub models it names, and the outcomes are compared:
 
@@ -312,6 +312,24 @@ EXPECTED: dict[str, Expect] = {
         "`revision:` key on a source is an error (SEMANTICS.md 1)",
         ours_error="unknown key 'slices.0.sources.0.revision'",
     ),
+    "046_absa-linear-layer-specific-slices": Expect(MATCH),
+    "047_absa-slerp-gradual-shift-multiline-gradient": Expect(MATCH, _F32, float32=True),
+    "048_absa-slerp-tokenizer-source-other-input": Expect(MATCH, _F32, float32=True),
+    "049_absa-task-arithmetic-lambda-05": Expect(MATCH, _F32, float32=True),
+    "050_absa-della-linear-epsilon-zero": Expect(MATCH, _RANDOM, random=True),
+    "051_orca2-mythalion-passthrough-interleaved-local": Expect(MATCH),
+    "052_orca2flat-task-arithmetic-base-in-models": Expect(MATCH, _F32, float32=True),
+    "053_caplattess-yi-34b-dare-ties-local-paths": Expect(MATCH, _RANDOM, random=True),
+    # A mergekit-evolve search config (no merge_method) given to mergekit-yaml, as published.
+    "054_yuisekinai-mergekit-evolve-genome": Expect(
+        BOTH_FAIL,
+        "a mergekit-evolve config, not a mergekit-yaml recipe",
+        ours_error="this is a mergekit-evolve configuration",
+        mergekit_error="merge_method\n  Field required",
+    ),
+    "055_1parammyl-8b-model-stock-slices": Expect(MATCH, _F32, float32=True),
+    "056_athena-apollo-model-stock-name-tokenizer-base": Expect(MATCH, _F32, float32=True),
+    "057_huatuo-o1-model-stock-seven-loras": Expect(MATCH, _F32, float32=True),
 }
 
 # Recipes this suite does not give to mergekit, and why.
