@@ -34,7 +34,7 @@ setup(
     ext_modules=[
         Extension(
             "mergesmith.native._kernels",
-            ["src/mergesmith/native/kernels.c"],
+            ["src/mergesmith/native/kernels.c", "src/mergesmith/native/whole.c"],
             # No contraction into fused multiply-adds: the kernels round exactly as the torch code
             # does, and fuse only where they say so (fmaf).
             extra_compile_args=[

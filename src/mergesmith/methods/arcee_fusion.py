@@ -29,13 +29,14 @@ import torch
 import torch.nn.functional as F
 
 from mergesmith.methods.registry import REFERENCE, JobSize, blocked, merge_method
+from mergesmith.native import whole
 from mergesmith.ops.blocks import BLOCK
 
 SAMPLE_SIZE = 1_000_000  # tensors larger than this take their quartiles from a sample this big
 EPS = 1e-8  # added to both softmaxes, as mergekit does
-# Per sampled entry at peak: its index (int64), the sorted indices and sort order while the
-# sample is arranged by position (2 x int64), then its importance and the sorted importances
-# with their order (float32 + float32 + int64), with room for the gathered inputs.
+# Per sampled entry at peak: its index (int64), the gathered inputs and their float32 copies,
+# its row's divergence (float32), its importance and the selection's working copy of it (2 x
+# float32), with room to spare.
 SAMPLE_BYTES = 40
 
 _blocked = blocked(float32_temps_per_input=2, float32_temps=8)
@@ -117,32 +118,27 @@ def fusion_threshold(
     if kl is None:
         kl = all_row_divergences(m2, b2, block)
     n = rows * length
+    drawn = None
     if n > SAMPLE_SIZE:
         generator = torch.Generator().manual_seed(seed)
         drawn = torch.randint(n, (SAMPLE_SIZE,), generator=generator)
-        # Quartiles do not depend on the order of the sample: visit it by position.
-        positions = drawn.sort().values
-        del drawn
-    else:
-        positions = torch.arange(n)
+    # mergekit's positions floor(f * (count - 1)) for f = 1/4, 1/2, 3/4 of the sorted
+    # importances, computed in float32; exact for count <= 1e6, hence equal to these integer
+    # divisions.
+    count = n if drawn is None else drawn.numel()
+    at = ((count - 1) // 4, (count - 1) // 2, 3 * (count - 1) // 4)
+    # The kernel keeps sampled indices in 32 bits.
+    if whole.handles(m2, b2) and n < 1 << 32:
+        q1, median, q3 = (torch.tensor(v) for v in whole.fusion_quartiles(m2, b2, kl, drawn, at))
+        return median + 1.5 * (q3 - q1)
     flat_m, flat_b = m2.reshape(-1), b2.reshape(-1)
-    importance = torch.empty(positions.numel(), dtype=torch.float32)
-    for r0, r1 in _row_groups(rows, length, block):
-        lo, hi = torch.searchsorted(positions, torch.tensor([r0 * length, r1 * length])).tolist()
-        if lo == hi:
-            continue
-        at = positions[lo:hi]
-        diff = (flat_m[at].float() - flat_b[at].float()).abs_()
-        importance[lo:hi] = diff.mul_(kl[at.div(length, rounding_mode="floor")])
-    ordered = importance.sort().values
-    # mergekit's positions floor(f * (count - 1)) for f = 1/4, 1/2, 3/4, computed in float32;
-    # exact for count <= 1e6, hence equal to these integer divisions.
-    count = ordered.numel()
-    q1, median, q3 = (
-        ordered[(count - 1) // 4],
-        ordered[(count - 1) // 2],
-        ordered[3 * (count - 1) // 4],
-    )
+    if drawn is not None:
+        importance = (flat_m[drawn].float() - flat_b[drawn].float()).abs_()
+        importance.mul_(kl[drawn.div_(length, rounding_mode="floor")])
+    else:
+        importance = (m2.float() - b2.float()).abs_().mul_(kl[:, None]).reshape(-1)
+    # Order statistics need no sort: a selection finds each (NaN last, as a sort puts it).
+    q1, median, q3 = (importance.kthvalue(k + 1).values for k in at)
     return median + 1.5 * (q3 - q1)
 
 
@@ -161,6 +157,9 @@ def fusion_merge(
     kl_rows = all_row_divergences(m2, b2, block)
     threshold = fusion_threshold(model, base, seed, block, kl_rows)
     out = torch.empty(rows, length, dtype=out_dtype, device=base.device)
+    if whole.handles(m2, b2, out):
+        whole.fusion_apply(m2, b2, kl_rows, float(threshold), out)
+        return out.reshape(base.shape)
     for r0, r1 in _row_groups(rows, length, block):
         kl = kl_rows[r0:r1].unsqueeze(-1)
         for c0 in range(0, max(length, 1), block):

@@ -13,8 +13,8 @@ row along the last dimension gets its own t (a 1-D tensor is one row, as in merg
 
 Memory stays flat: a group of rows that fits in a block (the whole tensor is one row unless
 `filter_wise`) is read twice, first to sum the dot products of its offsets (float64 sums of
-float32 products) and find its t, then to write the combination in float32. A row longer than a
-block is read in column blocks in both passes.
+float32 products, in ops.spherical's fixed order) and find its t, then to write the combination
+in float32. Both passes run in the C kernels where they can, reading each input once per pass.
 """
 
 from __future__ import annotations
@@ -26,7 +26,9 @@ from typing import Annotated
 import torch
 
 from mergesmith.methods.registry import REFERENCE, Param, blocked, merge_method
+from mergesmith.native import whole
 from mergesmith.ops.blocks import BLOCK
+from mergesmith.ops.spherical import pairs, row_grams
 
 NORM_PRODUCT_EPS = 1e-6  # mergekit clamps |d_i| |d_j| to at least this before dividing
 SINGULAR_EPS = 1e-6  # |1 + (N - 1) c| below this: no finite t, the base is kept
@@ -39,45 +41,50 @@ def _as_rows(tensor: torch.Tensor, filter_wise: bool) -> torch.Tensor:
     return tensor.reshape(1, -1)
 
 
-def _tiles(
-    rows: int, length: int, count: int, block: int
-) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
-    """(first row, end row, column ranges): groups of whole rows that fit in a block with their
-    statistics (count^2 float64 sums per row), or one row in column blocks when a row is longer
-    than a block."""
+def _tiles(rows: int, length: int, count: int, block: int) -> Iterator[tuple[int, int]]:
+    """(first row, end row): groups of whole rows that fit in a block with their statistics
+    (count^2 float64 sums per row); one row at a time when a row is longer than a block."""
     per_group = max(1, block // (length + 2 * count * count + 8))
-    columns = [(c, min(length, c + block)) for c in range(0, length, block)] or [(0, 0)]
     for r0 in range(0, rows, per_group):
-        yield r0, min(rows, r0 + per_group), columns
+        yield r0, min(rows, r0 + per_group)
 
 
-def _ratios(
-    base: torch.Tensor, flats: Sequence[torch.Tensor], columns: list[tuple[int, int]]
-) -> torch.Tensor:
-    """t of every row of the 2-D views `base` and `flats` (one group of rows), float32,
-    shape (rows, 1): the first pass, over the group's column blocks."""
-    n = len(flats)
-    gram = torch.zeros(base.shape[0], n, n, dtype=torch.float64)
-    for c0, c1 in columns:
-        w0 = base[:, c0:c1].float()
-        # float32 offsets as mergekit takes them; their products are exact in float64.
-        offsets = [(f[:, c0:c1].float() - w0).double() for f in flats]
-        for i in range(n):
-            for j in range(i, n):
-                gram[:, i, j] += (offsets[i] * offsets[j]).sum(-1)
-        del w0, offsets
-    norms = gram.diagonal(dim1=1, dim2=2).sqrt()  # (rows, n)
-    cos = torch.zeros(base.shape[0], dtype=torch.float64)
+def _ratios(sums: torch.Tensor, n: int) -> torch.Tensor:
+    """t of every row from its pair sums (ops.spherical.row_grams' columns), float32, shape
+    (rows, 1)."""
+    index = {pair: p for p, pair in enumerate(pairs(n))}
+    norms = [sums[:, index[i, i]].sqrt() for i in range(n)]
+    cos = torch.zeros(sums.shape[0], dtype=torch.float64)
     for i in range(n):
         for j in range(i + 1, n):
-            product = (norms[:, i] * norms[:, j]).clamp(min=NORM_PRODUCT_EPS)
-            cos += (gram[:, i, j] / product).clamp(-1, 1)
+            product = (norms[i] * norms[j]).clamp(min=NORM_PRODUCT_EPS)
+            cos += (sums[:, index[i, j]] / product).clamp(-1, 1)
     cos /= n * (n - 1) // 2
     denominator = 1 + (n - 1) * cos
     singular = denominator.abs() < SINGULAR_EPS
     safe = torch.where(singular, torch.ones_like(denominator), denominator)
     t = torch.where(singular, torch.zeros_like(cos), n * cos / safe)
     return t.float().unsqueeze(-1)
+
+
+def _combine(
+    group: Sequence[torch.Tensor], base: torch.Tensor, ratio: torch.Tensor, out: torch.Tensor
+) -> None:
+    """out = t * average + (1 - t) * base for the 2-D views of one group of rows."""
+    if whole.handles(*group, base, out):
+        whole.stock_combine(group, base, ratio, out)
+        return
+    length = out.shape[1]
+    for c0 in range(0, length, BLOCK):
+        c1 = min(length, c0 + BLOCK)
+        # mergekit's order: sum(ws) / N, then t * average + (1 - t) * w0. `.float()` does
+        # not copy a float32 input, so the first operation of each must make a new tensor.
+        average = group[0][:, c0:c1].float() + group[1][:, c0:c1].float()
+        for f in group[2:]:
+            average += f[:, c0:c1].float()
+        average.div_(len(group)).mul_(ratio)
+        kept = base[:, c0:c1].float() * (1 - ratio)
+        out[:, c0:c1] = average.add_(kept)
 
 
 def stock_merge(
@@ -87,23 +94,15 @@ def stock_merge(
     out_dtype: torch.dtype = torch.float32,
     block: int = BLOCK,
 ) -> torch.Tensor:
-    """The method's work, with the block size open for tests."""
+    """The method's work, with the row grouping's block size open for tests."""
     base2 = _as_rows(base, filter_wise)
     flats = [_as_rows(m, filter_wise) for m in models]
     rows, length = base2.shape
     out = torch.empty(rows, length, dtype=out_dtype, device=base.device)
-    for r0, r1, columns in _tiles(rows, length, len(flats), block):
+    for r0, r1 in _tiles(rows, length, len(flats), block):
         group = [f[r0:r1] for f in flats]
-        ratio = _ratios(base2[r0:r1], group, columns)
-        for c0, c1 in columns:
-            # mergekit's order: sum(ws) / N, then t * average + (1 - t) * w0. `.float()` does
-            # not copy a float32 input, so the first operation of each must make a new tensor.
-            average = group[0][:, c0:c1].float() + group[1][:, c0:c1].float()
-            for f in group[2:]:
-                average += f[:, c0:c1].float()
-            average.div_(len(group)).mul_(ratio)
-            kept = base2[r0:r1, c0:c1].float() * (1 - ratio)
-            out[r0:r1, c0:c1] = average.add_(kept)
+        ratio = _ratios(row_grams(group, base2[r0:r1]), len(group)).to(base.device)
+        _combine(group, base2[r0:r1], ratio, out[r0:r1])
     return out.reshape(base.shape)
 
 

@@ -23,6 +23,7 @@ from mergesmith.methods.registry import (
     finite_non_negative,
     merge_method,
 )
+from mergesmith.native import whole
 from mergesmith.ops.blocks import block_ranges
 
 DISTANCE_EPS = 1e-6  # |a - b| is taken as at least this
@@ -57,6 +58,9 @@ def nearswap(
     assert base is not None
     flat_a, flat_b = base.reshape(-1), models[0].reshape(-1)
     out = torch.empty(flat_a.numel(), dtype=out_dtype, device=base.device)
+    if whole.handles(flat_a, flat_b, out):
+        whole.nearswap(flat_a, flat_b, t, DISTANCE_EPS, out)
+        return out.reshape(base.shape)
     for _, start, end in block_ranges(flat_a.numel()):
         a = flat_a[start:end].float()
         b = flat_b[start:end].float()

@@ -22,9 +22,10 @@ orthogonal. The result is then sin((1 - t) pi/2) v1 + sin(t pi/2) v2, not the le
 does the same (a model equal to the base in some row shrinks the other model's task vector
 there by sin(t pi/2)), and so do we.
 
-Memory stays flat: vectors are processed in panels that fit one block (ops.blocks). When one
-vector is longer than a block, a first pass sums the squared norms and the dot product of each
-vector (in float64), and a second pass writes c1 v1 + c2 v2.
+Memory stays flat: vectors are processed in groups that fit one block (ops.blocks), or one at a
+time when longer. A first pass sums the squared norms and the dot product of each vector (in
+float64, in ops.spherical's fixed order), a second writes c1 v1 + c2 v2; both run in the C
+kernels where they can.
 """
 
 from __future__ import annotations
@@ -37,15 +38,14 @@ import torch
 
 from mergesmith.methods.registry import OPTIONAL, Param, PerModel, blocked, merge_method
 from mergesmith.ops.blocks import BLOCK
+from mergesmith.ops.spherical import combine_rows, row_grams
 
 NORM_FLOOR = 1e-7  # mergekit clamps a vector's norm to this before normalising it
 COLINEAR_EPS = 1e-8  # colinear when 1 - cos^2 <= COLINEAR_EPS ** 2
 ZERO_WEIGHTS = 1e-6  # |w1 + w2| below this: t = 1/2
-# Vectors shorter than this still count as this long when sizing a panel, which bounds the
+# Vectors shorter than this still count as this long when sizing a group, which bounds the
 # per-vector temporaries (a dozen float64 values each) by a few blocks' worth.
 MIN_LENGTH = 8
-# Vectors per panel when one vector is longer than a block (then read in two passes).
-WIDE_PANEL = 64
 
 
 def interpolation_t(weights: Sequence[float]) -> float:
@@ -81,18 +81,12 @@ def vector_layout(shape: Sequence[int], row_wise: bool, flatten: bool) -> tuple[
     return numel // shape[-1], shape[-1], False
 
 
-def panels(count: int, length: int) -> Iterator[tuple[int, int, list[tuple[int, int]]]]:
-    """(first vector, end vector, position ranges) covering every vector; each piece (vectors x
-    one position range) holds at most one block of entries."""
-    if length <= BLOCK:
-        width = max(1, min(count, BLOCK // max(length, MIN_LENGTH)))
-        spans = [(0, length)]
-    else:
-        width = min(count, WIDE_PANEL)
-        step = BLOCK // width
-        spans = [(p, min(length, p + step)) for p in range(0, length, step)]
+def groups(count: int, length: int) -> Iterator[tuple[int, int]]:
+    """(first vector, end vector): groups covering every vector, each at most one block of
+    entries or a single vector (with their float64 statistics, a few numbers per vector)."""
+    width = max(1, min(count, BLOCK // max(length, MIN_LENGTH)))
     for v in range(0, count, width):
-        yield v, min(count, v + width), spans
+        yield v, min(count, v + width)
 
 
 @merge_method(
@@ -128,50 +122,18 @@ def nuslerp(
         return out
     t = interpolation_t([float(w) for w in weight])
     count, length, columns = vector_layout(shape, nuslerp_row_wise, nuslerp_flatten)
-    matrix_shape = (length, count) if columns else (count, length)
-    x1, x2 = (m.reshape(matrix_shape) for m in models)
-    b = base.reshape(matrix_shape) if base is not None else None
-    result = out.view(matrix_shape)
 
-    def piece(matrix: torch.Tensor, v0: int, v1: int, p0: int, p1: int) -> torch.Tensor:
-        # Always [vectors, positions], a view of the input.
-        return matrix[p0:p1, v0:v1].T if columns else matrix[v0:v1, p0:p1]
+    def vectors(tensor: torch.Tensor) -> torch.Tensor:
+        # [vectors, positions], a view of the tensor (strided when the vectors are columns).
+        return tensor.reshape(length, count).T if columns else tensor.reshape(count, length)
 
-    def deltas(v0: int, v1: int, p0: int, p1: int) -> tuple[torch.Tensor, ...]:
-        # Task vectors rounded to float32 as mergekit forms them, then widened.
-        if b is None:
-            return tuple(piece(x, v0, v1, p0, p1).double() for x in (x1, x2))
-        ref = piece(b, v0, v1, p0, p1).float()
-        return tuple((piece(x, v0, v1, p0, p1).float() - ref).double() for x in (x1, x2))
-
-    def write(
-        v0: int,
-        v1: int,
-        p0: int,
-        p1: int,
-        d: tuple[torch.Tensor, ...],
-        c1: torch.Tensor,
-        c2: torch.Tensor,
-    ) -> None:
-        mixed = d[0] * c1[:, None]
-        mixed.add_(d[1] * c2[:, None])
-        if b is not None:
-            mixed.add_(piece(b, v0, v1, p0, p1))
-        target = result[p0:p1, v0:v1] if columns else result[v0:v1, p0:p1]
-        target.copy_(mixed.T if columns else mixed)
-
-    for v0, v1, spans in panels(count, length):
-        sums = torch.zeros(3, v1 - v0, dtype=torch.float64, device=first.device)
-        kept = None
-        for p0, p1 in spans:
-            d = deltas(v0, v1, p0, p1)
-            sums[0] += (d[0] * d[0]).sum(dim=1)
-            sums[1] += (d[1] * d[1]).sum(dim=1)
-            sums[2] += (d[0] * d[1]).sum(dim=1)
-            kept = d if len(spans) == 1 else None
-        c1, c2 = nuslerp_coefficients(t, sums[0], sums[1], sums[2])
-        for p0, p1 in spans:
-            # A panel that fits one block is read once; a longer one a second time.
-            d = kept if kept is not None else deltas(v0, v1, p0, p1)
-            write(v0, v1, p0, p1, d, c1, c2)
+    x1, x2 = (vectors(m) for m in models)
+    b = vectors(base) if base is not None else None
+    result = vectors(out)
+    for v0, v1 in groups(count, length):
+        pair = [x1[v0:v1], x2[v0:v1]]
+        ref = b[v0:v1] if b is not None else None
+        sums = row_grams(pair, ref)  # |v1|^2, <v1, v2>, |v2|^2 per vector
+        c1, c2 = nuslerp_coefficients(t, sums[:, 0], sums[:, 2], sums[:, 1])
+        combine_rows(pair, ref, torch.stack([c1, c2], 1), result[v0:v1])
     return out
