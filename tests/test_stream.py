@@ -101,3 +101,20 @@ def test_draws_fill_all_buckets_evenly() -> None:
         counts = torch.bincount(buckets, minlength=256).double()
         chi2 = float(((counts - N / 256) ** 2 / (N / 256)).sum())
         assert chi2 < 255 + 6 * math.sqrt(2 * 255)  # mean 255, sd ~22.6
+
+
+@pytest.mark.parametrize("n", [1, 7, 1000, 1_000_003, (1 << 32) - 1, 1 << 32, 3 << 40])
+def test_positions_are_splitmix64_outputs_scaled_to_n(n: int) -> None:
+    if n < 1 << 32:
+        expected = [((z >> 32) * n) >> 32 for z in splitmix64_outputs(99, 200)]
+    else:
+        expected = [(z >> 1) % n for z in splitmix64_outputs(99, 200)]
+    got = stream.positions(99, 200, n).tolist()
+    assert got == expected and all(0 <= p < n for p in got)
+
+
+def test_positions_cover_the_range_evenly() -> None:
+    got = stream.positions(4242, N, 1000)
+    counts = torch.bincount(got, minlength=1000).double()
+    chi2 = float(((counts - N / 1000) ** 2 / (N / 1000)).sum())
+    assert chi2 < 999 + 6 * math.sqrt(2 * 999)

@@ -10,9 +10,10 @@ row):
     out = B + (M - B) * [importance >= threshold]
 
 Tensors of more than 1e6 entries take the quartiles of 1e6 entries drawn with replacement. We
-draw them from a torch.Generator seeded with the model's seed (`seeds[0]`, derived from the
-run's --seed, the model and the tensor), so a run is reproducible; mergekit draws from torch's
-global generator, so its sampled quartiles differ from ours (and from run to run, unless seeded).
+draw them from the model's random stream (ops.stream, keyed by `seeds[0]`, derived from the
+run's --seed, the model and the tensor), so a run is reproducible on any device; mergekit draws
+from torch's global generator, so its sampled quartiles differ from ours (and from run to run,
+unless seeded).
 
 Memory stays flat: the row divergences (one float per row) are computed once, then two passes
 read the inputs block by block (the quartiles, then the combination); the divergences and the
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 
 from mergesmith.methods.registry import REFERENCE, JobSize, blocked, merge_method
 from mergesmith.native import whole
+from mergesmith.ops import stream
 from mergesmith.ops.blocks import BLOCK
 
 SAMPLE_SIZE = 1_000_000  # tensors larger than this take their quartiles from a sample this big
@@ -120,8 +122,7 @@ def fusion_threshold(
     n = rows * length
     drawn = None
     if n > SAMPLE_SIZE:
-        generator = torch.Generator().manual_seed(seed)
-        drawn = torch.randint(n, (SAMPLE_SIZE,), generator=generator)
+        drawn = stream.positions(seed, SAMPLE_SIZE, n)
     # mergekit's positions floor(f * (count - 1)) for f = 1/4, 1/2, 3/4 of the sorted
     # importances, computed in float32; exact for count <= 1e6, hence equal to these integer
     # divisions.

@@ -1,5 +1,6 @@
-"""The random stream of DARE and DELLA: a keyed hash of the element index, not a sequential
-generator, so any block of any tensor draws its numbers directly, in any order, on any thread.
+"""The random stream of DARE, DELLA and arcee_fusion's sample: a keyed hash of the element
+index, not a sequential generator, so any block of any tensor draws its numbers directly, in any
+order, on any thread.
 
 Element i of a stream with key K draws SplitMix64's output number i + 1 for seed K (Steele,
 Lea and Flood 2014; it passes BigCrush):
@@ -44,17 +45,39 @@ def _shift_right(z: torch.Tensor, bits: int) -> torch.Tensor:
     return torch.bitwise_right_shift(z, bits).bitwise_and_((1 << (64 - bits)) - 1)
 
 
+def _mixed(key: int, start: int, count: int, device: torch.device | str) -> torch.Tensor:
+    """z for elements [start, start + count), before SplitMix64's last step."""
+    z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
+    z.mul_(_signed(_GOLDEN)).add_(_signed(key))
+    z.bitwise_xor_(_shift_right(z, 30)).mul_(_signed(_MIX1))
+    return z.bitwise_xor_(_shift_right(z, 27)).mul_(_signed(_MIX2))
+
+
 def draws24(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """The stream's 24-bit draws for elements [start, start + count), as int64.
 
     >>> draws24(0, 0, 2).tolist()  # SplitMix64(0): 0xE220A8397B1DCDAF, 0x6E789E6AA1B965F4
     [14819496, 7239838]
     """
-    z = torch.arange(start + 1, start + count + 1, dtype=torch.int64, device=device)
-    z.mul_(_signed(_GOLDEN)).add_(_signed(key))
-    z.bitwise_xor_(_shift_right(z, 30)).mul_(_signed(_MIX1))
-    z.bitwise_xor_(_shift_right(z, 27)).mul_(_signed(_MIX2))
-    return _shift_right(z, 64 - UNIT_BITS)
+    return _shift_right(_mixed(key, start, count, device), 64 - UNIT_BITS)
+
+
+def positions(key: int, count: int, n: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """`count` indices in [0, n) drawn with replacement, from SplitMix64's outputs z_j: below
+    2^32 entries, z_j's top 32 bits times n over 2^32 (a multiply-shift; the product is under
+    2^64, so its int64 bit pattern is exact); from 2^32 entries on, (z_j >> 1) mod n. Either
+    bias (at most n / 2^32, n / 2^63) is far below the sampling noise.
+
+    >>> positions(0, 2, 1000).tolist()  # 0xE220A839 * 1000 >> 32, 0x6E789E6A * 1000 >> 32
+    [883, 431]
+    """
+    if not 0 < n < 1 << 63:
+        raise ValueError(f"positions draws from 1 to 2^63 - 1 entries, not {n}")
+    z = _mixed(key, 0, count, device)
+    z.bitwise_xor_(_shift_right(z, 31))  # SplitMix64's last step: the whole output
+    if n >= 1 << 32:
+        return _shift_right(z, 1).remainder_(n)
+    return _shift_right(_shift_right(z, 32).mul_(n), 32)
 
 
 def uniform(key: int, start: int, count: int, device: torch.device | str = "cpu") -> torch.Tensor:
