@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test lint format bench quality clean
+.PHONY: venv demo test lint format bench quality clean bench-large
 
 # setup.py builds the C kernels: editing them reinstalls (and so recompiles).
 $(STAMP): pyproject.toml setup.py src/mergesmith/native/kernels.c src/mergesmith/native/whole.c
@@ -52,3 +52,9 @@ quality: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info
+
+# Base + 3 fine-tunes of 1B parameters (8 GB, generated once into bench/work/large/), TIES,
+# linear and DARE-TIES against mergekit from a cold and a warm page cache; dropping the cache
+# needs root. Tables in bench/results/large/. `--only dare_ties` reruns one method.
+bench-large: $(STAMP)
+	$(PY) bench/bench_large.py

@@ -53,6 +53,7 @@ METHODS: dict[str, RecipeSpec] = {
     "ties": RecipeSpec(extra=("normalize: true", "int8_mask: true")),
     "linear": RecipeSpec(base=False, per_model=("weight",), extra=("normalize: true",)),
     "dare_ties": RecipeSpec(extra=("normalize: true", "int8_mask: true"), random=True),
+    "della": RecipeSpec(extra=("normalize: true", "int8_mask: true", "epsilon: 0.1"), random=True),
     "slerp": RecipeSpec(fine_tunes=1, per_model=(), extra=("t: 0.4",)),
     "model_stock": RecipeSpec(per_model=()),
     "nuslerp": RecipeSpec(fine_tunes=2, per_model=("weight",)),

@@ -6,6 +6,7 @@ two machines produce bit-identical inputs. Tensors are generated and streamed to
 a time: peak memory is a few copies of the largest tensor (the embedding), not a model.
 
 Usage: python bench/make_models.py OUT_DIR [--fine-tunes 3] [--layers 12]
+       [--hidden 1024 --intermediate 2816 --heads 16 --kv-heads 16 --shard-mb 200]
 """
 
 from __future__ import annotations
@@ -329,8 +330,22 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("out", type=Path)
     ap.add_argument("--fine-tunes", type=int, default=3)
     ap.add_argument("--layers", type=int, default=ModelSpec.layers)
+    ap.add_argument("--hidden", type=int, default=ModelSpec.hidden)
+    ap.add_argument("--intermediate", type=int, default=ModelSpec.intermediate)
+    ap.add_argument("--heads", type=int, default=ModelSpec.heads)
+    ap.add_argument("--kv-heads", type=int, default=ModelSpec.kv_heads)
+    ap.add_argument("--shard-mb", type=int, default=ModelSpec.shard_bytes // 1_000_000)
     args = ap.parse_args(argv)
-    spec = ModelSpec(layers=args.layers)
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        ap.error("--hidden must be a multiple of --heads, and --heads of --kv-heads")
+    spec = ModelSpec(
+        hidden=args.hidden,
+        layers=args.layers,
+        intermediate=args.intermediate,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        shard_bytes=args.shard_mb * 1_000_000,
+    )
     print(f"{param_count(spec) / 1e6:.1f}M parameters per model")
     for d in generate(args.out, model_names(args.fine_tunes), spec):
         print(d)

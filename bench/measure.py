@@ -10,6 +10,12 @@ Two memory figures, because they answer different questions:
   tree): memory that cannot be reclaimed without swap. Sampling can miss short spikes, so it
   is a lower bound.
 
+``io_stall_s`` is sampled too: wall time during which no thread of the process tree could run
+(none running or runnable) and at least one waited on the disk (state D: a page fault on a
+file page not yet read, say). Reading that overlaps computing does not count, and neither does
+waiting for a CPU that other processes hold, so it shows whether a run waits on storage even
+on a busy machine.
+
 Keep the measuring process small. Python starts children with vfork+exec, and at exec Linux
 folds the high-water RSS of the address space being replaced, the parent's, into the child's
 ``ru_maxrss``. A launcher that once held 1 GB makes ``true`` report a 1 GB peak.
@@ -45,6 +51,7 @@ class Measurement:
     in_blocks: int
     out_blocks: int
     timed_out: bool
+    io_stall_s: float = 0.0
 
     @property
     def cpu_s(self) -> float:
@@ -70,6 +77,19 @@ def _tree(pid: int) -> list[int]:
     return pids
 
 
+def _thread_states(pid: int) -> str:
+    """One letter per thread of pid (R running or runnable, D waiting on I/O, S sleeping...)."""
+    states = []
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                # The command name in parentheses may hold spaces; the state follows it.
+                states.append(f.read().rpartition(")")[2].split()[0])
+    except (OSError, IndexError):
+        pass
+    return "".join(states)
+
+
 def _rss_kb(pid: int) -> tuple[int, int]:
     anon = total = 0
     try:
@@ -89,16 +109,24 @@ class _Sampler(threading.Thread):
         super().__init__(daemon=True)
         self.pid, self.interval = pid, interval
         self.peak_anon_kb = self.peak_total_kb = 0
+        self.io_stall_s = 0.0
         self.stop = threading.Event()
 
     def run(self) -> None:
+        last = time.perf_counter()
         while not self.stop.is_set():
             anon = total = 0
+            states = ""
             for p in _tree(self.pid):
                 a, t = _rss_kb(p)
                 anon, total = anon + a, total + t
+                states += _thread_states(p)
             self.peak_anon_kb = max(self.peak_anon_kb, anon)
             self.peak_total_kb = max(self.peak_total_kb, total)
+            now = time.perf_counter()
+            if "D" in states and "R" not in states:
+                self.io_stall_s += now - last
+            last = now
             self.stop.wait(self.interval)
 
 
@@ -162,4 +190,5 @@ def run(
         in_blocks=ru.ru_inblock,
         out_blocks=ru.ru_oublock,
         timed_out=timed_out.is_set(),
+        io_stall_s=sampler.io_stall_s,
     )

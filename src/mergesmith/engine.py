@@ -2,7 +2,9 @@
 
 The only module that knows about threads, devices and memory. Each job reads its inputs when it
 starts (memory-mapped, so only the pages it touches are read) and drops them when it ends; a
-byte budget bounds how much working memory the jobs in flight may hold together.
+byte budget bounds how much working memory the jobs in flight may hold together. A read-ahead
+thread asks for the next jobs' inputs while the current ones compute, so a merge from a cold
+page cache reads the disk and computes at the same time.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergesmith.dtypes import to_torch
+from mergesmith.dtypes import ITEMSIZE, to_torch
 from mergesmith.errors import MergeError
 from mergesmith.methods.registry import MergeMethod, MethodInputs
 from mergesmith.plan import Plan, TensorInput, TensorJob
@@ -95,6 +97,74 @@ class _Budget:
             self.cond.notify_all()
 
 
+class _ReadAhead:
+    """Hints the inputs of the jobs about to run, in the order they will run, from a thread of
+    its own.
+
+    Jobs read through memory maps: from a cold page cache every first touch of a page waits for
+    the disk, and the disk idles while the jobs compute. The hint (`ModelSource.prefetch`) has
+    the kernel read a tensor's bytes in the background; it can block while it queues them, hence
+    the thread. It stays at most `window` bytes of inputs ahead of the jobs that have started,
+    so it never fills the page cache with pages evicted again before their job reads them. The
+    pages are the page cache's, not this process's: memory within the budget is unchanged.
+    """
+
+    def __init__(
+        self, order: list[TensorJob], sources: Mapping[str, ModelSource], window: int
+    ) -> None:
+        self.order = order
+        self.sources = sources
+        self.window = window
+        self.ahead = 0  # input bytes hinted for jobs that have not started
+        self.hinted: set[int] = set()
+        self.started: set[int] = set()
+        self.stopped = False
+        self.cond = threading.Condition()
+        self.thread = threading.Thread(target=self._run, name="mergesmith-readahead", daemon=True)
+        self.thread.start()
+
+    def job_started(self, job: TensorJob) -> None:
+        with self.cond:
+            self.started.add(job.index)
+            if job.index in self.hinted:
+                self.ahead -= _input_bytes(job, self.sources)
+                self.cond.notify_all()
+
+    def close(self) -> None:
+        with self.cond:
+            self.stopped = True
+            self.cond.notify_all()
+        self.thread.join()
+
+    def _run(self) -> None:
+        for job in self.order:
+            size = _input_bytes(job, self.sources)
+            with self.cond:
+                # One job is always let through, however large, so a big job is never read on
+                # its own page faults alone.
+                while not self.stopped and self.ahead and self.ahead + size > self.window:
+                    self.cond.wait()
+                if self.stopped:
+                    return
+                if job.index not in self.started:
+                    self.hinted.add(job.index)
+                    self.ahead += size
+            # A job already running is hinted too: the rest of its pages then arrive in the
+            # background instead of one page fault at a time.
+            for inp in (job.base, *job.inputs):
+                if inp is not None:
+                    self.sources[inp.model].prefetch(inp.name)
+
+
+def _input_bytes(job: TensorJob, sources: Mapping[str, ModelSource]) -> int:
+    total = 0
+    for inp in (job.base, *job.inputs):
+        if inp is not None:
+            meta = sources[inp.model].tensors[inp.name]
+            total += meta.numel * ITEMSIZE[meta.dtype]
+    return total
+
+
 def run_jobs(
     plan: Plan,
     sources: Mapping[str, ModelSource],
@@ -106,7 +176,7 @@ def run_jobs(
     """Run `jobs` (default: all of the plan's); `write` is called from worker threads, and
     `on_done` after each job that succeeded, one job at a time (so a caller counting progress
     needs no lock of its own)."""
-    todo = plan.jobs if jobs is None else jobs
+    todo = _run_order(plan.jobs if jobs is None else jobs)
     _return_freed_buffers_to_the_os()
     device = torch.device(options.device)
     previous_threads = torch.get_num_threads()
@@ -133,11 +203,18 @@ def run_jobs(
     pool = ThreadPoolExecutor(
         max_workers=max(1, options.threads), initializer=torch.set_num_threads, initargs=(1,)
     )
+    # The hints run as far ahead as the budget lets jobs hold memory.
+    readahead = _ReadAhead(todo, sources, budget.limit or 0)
+
+    def run_one(job: TensorJob) -> None:
+        readahead.job_started(job)
+        _run_one(plan.method, job, sources, write, device, options)
+
     futures: list[Future] = []
     try:
         try:
-            for job in _largest_first_within(budget, todo, failed):
-                future = pool.submit(_run_one, plan.method, job, sources, write, device, options)
+            for job in _in_order_within(budget, todo, failed):
+                future = pool.submit(run_one, job)
                 future.add_done_callback(lambda f, j=job: finished(f, j))
                 futures.append(future)
             wait(futures)
@@ -153,18 +230,24 @@ def run_jobs(
             if error is not None:
                 raise error
     finally:
+        readahead.close()
         torch.set_num_threads(previous_threads)
         if gc_was_enabled:
             gc.enable()
 
 
-def _largest_first_within(
+def _run_order(jobs: list[TensorJob]) -> list[TensorJob]:
+    """Largest first: big jobs start early instead of ending the merge on one busy thread.
+    Output does not depend on this order."""
+    return sorted(jobs, key=lambda j: (-j.work_bytes, j.index))
+
+
+def _in_order_within(
     budget: _Budget, jobs: list[TensorJob], failed: threading.Event
 ) -> Iterator[TensorJob]:
-    """Jobs in order of size, largest first, each as soon as the memory budget admits it: big
-    jobs start early instead of ending the merge on one busy thread, and a job waiting for room
-    never holds up smaller ones that fit. Output does not depend on this order."""
-    queue = sorted(jobs, key=lambda j: (-j.work_bytes, j.index))
+    """Jobs in their run order, each as soon as the memory budget admits it; a job waiting for
+    room never holds up later ones that fit."""
+    queue = list(jobs)
     while queue and not failed.is_set():
         yield budget.take_first_fitting(queue)
 

@@ -63,6 +63,10 @@ class ModelSource:
     def read(self, name: str) -> torch.Tensor:
         raise NotImplementedError
 
+    def prefetch(self, name: str) -> None:
+        """Ask for a tensor's bytes to be read in the background, ahead of `read` (a hint: it
+        may do nothing, and it holds no memory of the process)."""
+
     def release(self, name: str) -> None:
         """Tell the source a tensor's job is done, so mapped pages stop counting as ours."""
 

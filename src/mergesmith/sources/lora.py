@@ -114,6 +114,14 @@ class LoraSource(ModelSource):
             dtype=dtype,
         )
 
+    def prefetch(self, name: str) -> None:
+        # The tensor that `read` starts from; adapter matrices are small next to it.
+        patch = self.patches.get(name)
+        if patch is not None and patch.replace:
+            self.adapter.prefetch(patch.replace)
+        else:
+            self.base.prefetch(name)
+
     def release(self, name: str) -> None:
         self.base.release(name)
         patch = self.patches.get(name)

@@ -135,6 +135,16 @@ class SafetensorsSource(ModelSource):
             meta.shape
         )
 
+    def prefetch(self, name: str) -> None:
+        path, offset, length = self._entries[name]
+        if not length or not hasattr(mmap, "MADV_WILLNEED"):
+            return
+        # Every page the tensor touches. The kernel queues the reads and returns: the pages land
+        # in the page cache, and enter this process only when `read`'s tensor touches them.
+        start = offset // mmap.PAGESIZE * mmap.PAGESIZE
+        with contextlib.suppress(OSError, ValueError):
+            self._map(path).madvise(mmap.MADV_WILLNEED, start, offset + length - start)
+
     def release(self, name: str) -> None:
         path, offset, length = self._entries[name]
         mapped = self._maps.get(path)
