@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 .PHONY: venv demo test lint format bench quality clean bench-large
 
 # setup.py builds the C kernels: editing them reinstalls (and so recompiles).
-$(STAMP): pyproject.toml setup.py src/mergesmith/native/kernels.c src/mergesmith/native/whole.c
+$(STAMP): pyproject.toml setup.py $(wildcard src/mergesmith/native/*.c src/mergesmith/native/*.h)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# The CPU build first: an unpinned torch would pull a multi-GB CUDA build.

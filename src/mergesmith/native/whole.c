@@ -15,71 +15,12 @@
 #include <stdlib.h>
 #include <string.h>
 
-enum { WDT_F32 = 0, WDT_BF16 = 1, WDT_F16 = 2 };
+#include "convert.h"
 
 /* Elements converted per step: every input's scratch stays in L1/L2. */
 #define STEP 1024
 /* The longest run summed as one halving tree; must equal ops.spherical.SUM_CHUNK. */
 #define SUM_CHUNK 1024
-
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define KERNEL __attribute__((target_clones("arch=x86-64-v3", "default")))
-#else
-#define KERNEL
-#endif
-#define HELPER static inline __attribute__((always_inline))
-
-#ifdef __FLT16_MAX__
-#define WHOLE_HAVE_F16 1
-#else
-#define WHOLE_HAVE_F16 0
-#endif
-
-HELPER float from_bits(uint32_t u) {
-    float f;
-    memcpy(&f, &u, sizeof f);
-    return f;
-}
-
-HELPER uint32_t to_bits(float f) {
-    uint32_t u;
-    memcpy(&u, &f, sizeof u);
-    return u;
-}
-
-/* dst[i] = float32 value of element (offset + i) of src */
-HELPER void load(const void *src, int dtype, int64_t offset, int64_t count, float *dst) {
-    if (dtype == WDT_F32) {
-        memcpy(dst, (const float *)src + offset, (size_t)count * sizeof(float));
-    } else if (dtype == WDT_BF16) {
-        const uint16_t *p = (const uint16_t *)src + offset;
-        for (int64_t i = 0; i < count; i++) dst[i] = from_bits((uint32_t)p[i] << 16);
-    } else {
-#if WHOLE_HAVE_F16
-        const _Float16 *p = (const _Float16 *)src + offset;
-        for (int64_t i = 0; i < count; i++) dst[i] = (float)p[i];
-#endif
-    }
-}
-
-/* Rounds to nearest even, as torch does; NaN becomes torch's canonical NaN of each type. */
-HELPER void store(const float *values, int64_t count, void *dst, int dtype, int64_t offset) {
-    if (dtype == WDT_F32) {
-        memcpy((float *)dst + offset, values, (size_t)count * sizeof(float));
-    } else if (dtype == WDT_BF16) {
-        uint16_t *p = (uint16_t *)dst + offset;
-        for (int64_t i = 0; i < count; i++) {
-            uint32_t u = to_bits(values[i]);
-            uint16_t rounded = (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
-            p[i] = values[i] != values[i] ? (uint16_t)0x7FC0 : rounded;
-        }
-    } else {
-#if WHOLE_HAVE_F16
-        _Float16 *p = (_Float16 *)dst + offset;
-        for (int64_t i = 0; i < count; i++) p[i] = (_Float16)values[i];
-#endif
-    }
-}
 
 static int64_t pow2_at_least(int64_t n) {
     int64_t p = 1;
@@ -151,10 +92,10 @@ KERNEL int msw_gram(const void *const *inputs, const int32_t *dtypes, int32_t n,
         for (int64_t k = 0; k < chunks; k++) {
             int64_t offset = r * length + k * w;
             int64_t count = length - k * w < w ? length - k * w : w;
-            if (base) load(base, base_dtype, offset, count, fb);
+            if (base) load_f32(base, base_dtype, offset, count, fb);
             for (int32_t i = 0; i < n; i++) {
                 double *di = d + (int64_t)i * w;
-                load(inputs[i], dtypes[i], offset, count, f);
+                load_f32(inputs[i], dtypes[i], offset, count, f);
                 if (base) {
                     for (int64_t j = 0; j < count; j++) di[j] = (double)(f[j] - fb[j]);
                 } else {
@@ -197,10 +138,10 @@ KERNEL void msw_combine(const void *const *inputs, const int32_t *dtypes, int32_
         for (int64_t start = 0; start < length; start += STEP) {
             int64_t offset = r * length + start;
             int64_t count = length - start < STEP ? length - start : STEP;
-            if (base) load(base, base_dtype, offset, count, fb);
+            if (base) load_f32(base, base_dtype, offset, count, fb);
             for (int32_t i = 0; i < n; i++) {
                 double c = coef[r * n + i];
-                load(inputs[i], dtypes[i], offset, count, f);
+                load_f32(inputs[i], dtypes[i], offset, count, f);
                 if (base) {
                     if (i == 0) {
                         for (int64_t j = 0; j < count; j++) acc[j] = (double)(f[j] - fb[j]) * c;
@@ -220,7 +161,7 @@ KERNEL void msw_combine(const void *const *inputs, const int32_t *dtypes, int32_
                 for (int64_t j = 0; j < count; j++) acc[j] = acc[j] + (double)fb[j];
             }
             for (int64_t j = 0; j < count; j++) o[j] = (float)acc[j];
-            store(o, count, out, out_dtype, offset);
+            store_from_f32(o, count, out, out_dtype, offset);
         }
     }
 }
@@ -240,14 +181,14 @@ KERNEL void msw_stock_combine(const void *const *inputs, const int32_t *dtypes, 
         for (int64_t start = 0; start < length; start += STEP) {
             int64_t offset = r * length + start;
             int64_t count = length - start < STEP ? length - start : STEP;
-            load(inputs[0], dtypes[0], offset, count, acc);
+            load_f32(inputs[0], dtypes[0], offset, count, acc);
             for (int32_t i = 1; i < n; i++) {
-                load(inputs[i], dtypes[i], offset, count, f);
+                load_f32(inputs[i], dtypes[i], offset, count, f);
                 for (int64_t j = 0; j < count; j++) acc[j] = acc[j] + f[j];
             }
-            load(base, base_dtype, offset, count, f);
+            load_f32(base, base_dtype, offset, count, f);
             for (int64_t j = 0; j < count; j++) acc[j] = acc[j] / divisor * t + f[j] * keep;
-            store(acc, count, out, out_dtype, offset);
+            store_from_f32(acc, count, out, out_dtype, offset);
         }
     }
 }
@@ -261,8 +202,8 @@ KERNEL void msw_nearswap(const void *a, int32_t a_dtype, const void *b, int32_t 
     float fa[STEP], fb[STEP], o[STEP];
     for (int64_t start = 0; start < n; start += STEP) {
         int64_t count = n - start < STEP ? n - start : STEP;
-        load(a, a_dtype, start, count, fa);
-        load(b, b_dtype, start, count, fb);
+        load_f32(a, a_dtype, start, count, fa);
+        load_f32(b, b_dtype, start, count, fb);
         for (int64_t j = 0; j < count; j++) {
             float distance = fabsf(fa[j] - fb[j]);
             distance = distance < eps ? eps : distance;
@@ -271,7 +212,7 @@ KERNEL void msw_nearswap(const void *a, int32_t a_dtype, const void *b, int32_t 
             w = w > 1.0f ? 1.0f : w;
             o[j] = w * fb[j] + (1.0f - w) * fa[j];
         }
-        store(o, count, out, out_dtype, start);
+        store_from_f32(o, count, out, out_dtype, start);
     }
 }
 
@@ -288,14 +229,14 @@ KERNEL void msw_fusion_apply(const void *m, int32_t m_dtype, const void *b, int3
         for (int64_t start = 0; start < length; start += STEP) {
             int64_t offset = r * length + start;
             int64_t count = length - start < STEP ? length - start : STEP;
-            load(m, m_dtype, offset, count, fm);
-            load(b, b_dtype, offset, count, fb);
+            load_f32(m, m_dtype, offset, count, fm);
+            load_f32(b, b_dtype, offset, count, fb);
             for (int64_t j = 0; j < count; j++) {
                 float change = fm[j] - fb[j];
                 float keep = fabsf(change) * k >= threshold ? 1.0f : 0.0f;
                 o[j] = change * keep + fb[j];
             }
-            store(o, count, out, out_dtype, offset);
+            store_from_f32(o, count, out, out_dtype, offset);
         }
     }
 }
@@ -304,13 +245,13 @@ KERNEL void msw_fusion_apply(const void *m, int32_t m_dtype, const void *b, int3
  * puts it; -0 just below +0, which compare equal as floats, so no comparison can tell). */
 HELPER uint32_t order_key(float x) {
     if (x != x) return UINT32_MAX;
-    uint32_t u = to_bits(x);
+    uint32_t u = float_to_bits(x);
     return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
 HELPER float from_key(uint32_t key) {
     if (key == UINT32_MAX) return NAN;
-    return from_bits((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
+    return bits_to_float((key & 0x80000000u) ? (key & 0x7FFFFFFFu) : ~key);
 }
 
 /* Sorts keys[0..n) in place by their lowest `bits` bits (LSD radix, 11 bits a pass); scratch
@@ -369,16 +310,16 @@ KERNEL int msw_fusion_quartiles(const void *m, int32_t m_dtype, const void *b, i
                 row++;
                 row_end += length;
             }
-            load(m, m_dtype, index, 1, fm);
-            load(b, b_dtype, index, 1, fb);
+            load_f32(m, m_dtype, index, 1, fm);
+            load_f32(b, b_dtype, index, 1, fb);
             keys[i] = order_key(fabsf(fm[0] - fb[0]) * kl[row]);
         }
     } else {
         int64_t row = 0, column = 0;
         for (int64_t start = 0; start < count; start += STEP) {
             int64_t n = count - start < STEP ? count - start : STEP;
-            load(m, m_dtype, start, n, fm);
-            load(b, b_dtype, start, n, fb);
+            load_f32(m, m_dtype, start, n, fm);
+            load_f32(b, b_dtype, start, n, fb);
             for (int64_t j = 0; j < n; j++) {
                 keys[start + j] = order_key(fabsf(fm[j] - fb[j]) * kl[row]);
                 if (++column == length) {

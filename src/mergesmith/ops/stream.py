@@ -12,7 +12,7 @@ Lea and Flood 2014; it passes BigCrush):
                                                        step, z ^ (z >> 31), leaves them alone)
 
 K is the 63-bit seed of (--seed, model, tensor) (plan.jobs.derive_seed). The C kernels compute
-the same numbers (ms_draw24 in native/kernels.c). Here the arithmetic runs on int64 tensors
+the same numbers (draw24 in native/kernels.c). Here the arithmetic runs on int64 tensors
 (torch has no shifts for uint64), and is still exact: add and multiply wrap mod 2^64 in two's
 complement, which is the uint64 result's bit pattern; `>>` is arithmetic on int64, so each
 shift is followed by a mask that clears the copied sign bits, making it the logical shift.
