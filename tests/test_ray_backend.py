@@ -278,14 +278,23 @@ def test_a_node_lost_mid_merge_still_ends_in_identical_output(
     assert_identical(out, slow_merge["local"], "the local backend's output")
 
 
+RAY_PENDING_TASK_BUG = "Tried to complete task that was not pending"
+
+
 def test_an_interrupted_driver_then_resume_gives_identical_output(
     ray_cluster, slow_merge: dict[str, Path], tmp_path: Path
 ) -> None:
-    out = tmp_path / "merged"
     ray = ("--backend", "ray", "--address", ray_cluster.address, "--seed", str(SEED))
-    # start_merge runs one task at a time (--threads 1), so there is time to interrupt.
-    proc = start_merge(slow_merge["recipe"], out, *ray, "--task-size", "1MB")
-    err = interrupt(proc, out, signal.SIGINT, after=20)
+    for attempt in range(2):
+        out = tmp_path / f"merged{attempt}"
+        # start_merge runs one task at a time (--threads 1), so there is time to interrupt.
+        proc = start_merge(slow_merge["recipe"], out, *ray, "--task-size", "1MB")
+        err = interrupt(proc, out, signal.SIGINT, after=20)
+        # Ray 2.x's core worker in the driver now and then aborts on an early task's reply with
+        # this check failure (about one run in three here, with or without an interrupt
+        # pending); it is Ray's bug, not ours, so that one signature earns a second attempt.
+        if RAY_PENDING_TASK_BUG not in err:
+            break
     assert proc.returncode == 130, err
     assert "interrupted by SIGINT" in err and "Traceback" not in err
     assert not out.exists() and partial_of(out).is_dir()
