@@ -32,20 +32,17 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from make_models import ModelSpec, config_json, tensor_shapes
+
 from mergesmith.api import prepare
 from mergesmith.backends.tasks import default_task_bytes, group_jobs, largest_first
 from mergesmith.output.layout import OutputLayout, plan_layout
 from mergesmith.plan import TensorJob
 
 # Llama-3.1-405B (config.json of meta-llama/Llama-3.1-405B).
-LLAMA_405B = {
-    "hidden": 16384,
-    "intermediate": 53248,
-    "layers": 126,
-    "heads": 128,
-    "kv_heads": 8,
-    "vocab": 128256,
-}
+LLAMA_405B = ModelSpec(
+    hidden=16384, intermediate=53248, layers=126, heads=128, kv_heads=8, vocab=128256
+)
 NODES = (1, 2, 4, 8, 16, 32, 64)
 SHARD_BYTES = 5 * 10**9
 UNLIMITED = 1e30  # bytes/s: inputs in page cache (finite, so that 0 x rate stays 0)
@@ -54,27 +51,7 @@ DENSITIES = (0.5, 0.5, 0.3)
 WEIGHTS = (1.0, 0.5, 0.7)
 
 
-def tensor_shapes(spec: dict[str, int]) -> list[tuple[str, tuple[int, ...]]]:
-    h, inter = spec["hidden"], spec["intermediate"]
-    kv = spec["kv_heads"] * (h // spec["heads"])
-    out: list[tuple[str, tuple[int, ...]]] = [("model.embed_tokens.weight", (spec["vocab"], h))]
-    for i in range(spec["layers"]):
-        p = f"model.layers.{i}."
-        out += [
-            (p + "self_attn.q_proj.weight", (h, h)),
-            (p + "self_attn.k_proj.weight", (kv, h)),
-            (p + "self_attn.v_proj.weight", (kv, h)),
-            (p + "self_attn.o_proj.weight", (h, h)),
-            (p + "mlp.gate_proj.weight", (inter, h)),
-            (p + "mlp.up_proj.weight", (inter, h)),
-            (p + "mlp.down_proj.weight", (h, inter)),
-            (p + "input_layernorm.weight", (h,)),
-            (p + "post_attention_layernorm.weight", (h,)),
-        ]
-    return [*out, ("model.norm.weight", (h,)), ("lm_head.weight", (spec["vocab"], h))]
-
-
-def sparse_model(folder: Path, spec: dict[str, int]) -> None:
+def sparse_model(folder: Path, spec: ModelSpec) -> None:
     """A bf16 model of these shapes: a real safetensors header over a sparse file, so planning
     (headers only) works and no disk is used."""
     folder.mkdir(parents=True)
@@ -93,18 +70,7 @@ def sparse_model(folder: Path, spec: dict[str, int]) -> None:
     with open(folder / "model.safetensors", "wb") as fh:
         fh.write(struct.pack("<Q", len(text)) + text)
         fh.truncate(8 + len(text) + offset)
-    config = {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "hidden_size": spec["hidden"],
-        "intermediate_size": spec["intermediate"],
-        "num_hidden_layers": spec["layers"],
-        "num_attention_heads": spec["heads"],
-        "num_key_value_heads": spec["kv_heads"],
-        "vocab_size": spec["vocab"],
-        "torch_dtype": "bfloat16",
-    }
-    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "config.json").write_text(json.dumps(config_json(spec)))
 
 
 def ties_recipe(base: Path, tuned: list[Path]) -> str:
