@@ -279,7 +279,7 @@ def _cut_mask(
     return fm.at_most(magnitude, limit) if cut.keeps_all_tied else fm.below(magnitude, limit)
 
 
-# Sparsifiers whose masks are drawn from a generator, not cut by magnitude.
+# Sparsifiers whose masks are drawn from the random stream, not cut by magnitude.
 _DRAWN_KINDS = ("random", "della_magprune")
 
 
@@ -396,9 +396,9 @@ class ModelPlan:
             self.block_bytes = (block + 7) // 8
             self.drawn_bits = torch.empty(self.block_bytes * -(-n // block), dtype=torch.uint8)
         fused_dare = self.kind == "random" and native.handles(base, model)
+        threshold = stream.keep_threshold(self.density)
         for number, start, end in block_ranges(n, block):
             if fused_dare:
-                threshold = stream.keep_threshold(self.density)
                 d, survivors = native.stream_deltas(base, model, start, end, self.seed, threshold)
                 total += float(d.abs_().sum())
                 kept += float(survivors.abs_().sum())
