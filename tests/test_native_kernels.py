@@ -22,7 +22,9 @@ from hypothesis import strategies as st
 from mergesmith import native
 from mergesmith.methods.linear import linear
 from mergesmith.methods.task_arithmetic import merge_task_vectors
+from mergesmith.ops import stream
 from mergesmith.ops.blocks import BLOCK
+from mergesmith.ops.select import tie_averaged_ranks
 from tests.conftest import assert_identical, run_cli, write_recipe
 
 needs_kernels = pytest.mark.skipif(not native.available(), reason="C kernels not built")
@@ -366,3 +368,66 @@ def test_cli_output_is_byte_identical_without_kernels(
     slow = run_cli("run", recipe, tmp_path / "slow", env={"MERGESMITH_KERNELS": "torch"})
     assert slow.returncode == 0, slow.stderr
     assert_identical(tmp_path / "fast", tmp_path / "slow", "the torch path's output")
+
+
+def della_keep_by_torch(magnitude: torch.Tensor, key: int, start: int, scale: float, offset):
+    """DELLA's keep mask as the torch path draws it: full tie-averaged ranks of every row."""
+    width = magnitude.shape[1]
+    probability = tie_averaged_ranks(magnitude).div_(width - 1).mul_(scale).add_(offset)
+    draws = stream.uniform(key, start, magnitude.numel())
+    return (draws < probability.reshape(-1)).float()
+
+
+def della_rows(rows: int, width: int, *, levels: int | None, zeros: float, outlier: bool, seed):
+    """Magnitudes as task vectors have them: continuous or few distinct values (bf16 deltas),
+    a share of exact zeros, and optionally one huge entry per row that squeezes every other
+    key into few of the kernel's buckets (the rows it has to sort)."""
+    g = torch.Generator().manual_seed(seed)
+    m = torch.randn(rows, width, generator=g).abs_().mul_(1e-3)
+    if levels is not None:
+        m = torch.randint(1, levels + 1, (rows, width), generator=g).float().mul_(2.0**-12)
+    m[torch.rand(rows, width, generator=g) < zeros] = 0.0
+    if outlier:
+        m[:, width // 3] = 1e30
+    return m
+
+
+@needs_kernels
+@settings(max_examples=120, deadline=None)
+@given(
+    rows=st.integers(1, 3),
+    width=st.integers(2, 3000),
+    levels=st.sampled_from([None, None, 1, 2, 7, 300]),
+    zeros=st.sampled_from([0.0, 0.1, 1.0]),
+    outlier=st.booleans(),
+    density=st.floats(0.05, 0.95),
+    epsilon=st.floats(0.0, 0.05),
+    negative=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_della_keep_matches_full_ranking(
+    rows, width, levels, zeros, outlier, density, epsilon, negative, seed
+) -> None:
+    """The kernel settles most entries from bucket bounds on their rank; it must decide every
+    entry as the full tie-averaged ranking does, whichever way each is settled."""
+    m = della_rows(rows, width, levels=levels, zeros=zeros, outlier=outlier, seed=seed)
+    scale = (-2 if negative else 2) * epsilon
+    start = seed * 7
+    got = native.della_keep(m, seed, start, scale, density - epsilon)
+    assert torch.equal(got, della_keep_by_torch(m, seed, start, scale, density - epsilon))
+
+
+@needs_kernels
+@pytest.mark.parametrize(
+    "shape, levels, zeros, outlier",
+    [
+        ((40, 4096), None, 0.05, False),  # wide continuous rows: bucket bounds, then counting
+        ((40, 1024), None, 0.0, True),  # an outlier squeezes the rest: rows sorted
+        ((40, 1024), 3, 0.3, False),  # few values: buckets of one run each, exact ranks
+        ((4, 1024), None, 1.0, False),  # an unchanged row: every rank ties
+    ],
+)
+def test_della_keep_on_wide_rows(shape, levels, zeros, outlier) -> None:
+    m = della_rows(*shape, levels=levels, zeros=zeros, outlier=outlier, seed=1)
+    got = native.della_keep(m, 5, 1000, 0.3, 0.35)
+    assert torch.equal(got, della_keep_by_torch(m, 5, 1000, 0.3, 0.35))

@@ -427,41 +427,145 @@ static uint64_t *radix_sort_keys(uint64_t *items, uint64_t *tmp, int64_t count) 
     return items;
 }
 
-/* DELLA's keep mask for `rows` rows of `width` > 1 magnitudes (flat index `start` onwards):
+/* DELLA's keep probability at tie-averaged rank (first + last) / 2, each step rounded to float32
+ * as the torch code rounds it (ops.select.tie_averaged_ranks, then the sparsifier). */
+static inline float della_p(int64_t first, int64_t last, float spread, float scale,
+                            float offset) {
+    return (float)(first + last) / 2.0f / spread * scale + offset;
+}
+
+/* The keep mask of one row from its exact ranks: sorts (key << 32 | index) items by radix. */
+static void della_row_sorted(const uint32_t *keys, const float *u, int64_t width, float spread,
+                             float scale, float offset, uint64_t *scratch, float *k) {
+    for (int64_t i = 0; i < width; i++) scratch[i] = (uint64_t)keys[i] << 32 | (uint64_t)i;
+    uint64_t *sorted = radix_sort_keys(scratch, scratch + width, width);
+    /* Each sorted position's run of equal keys, without branching on it (runs are short and of
+     * any length, so branches would mispredict): its first position on the way forward, its
+     * last on the way back, where the item's column takes the run's keep decision. */
+    int32_t *firsts = (int32_t *)(sorted == scratch ? scratch + width : scratch);
+    int64_t run = 0;
+    for (int64_t j = 0; j < width; j++) {
+        run = j > 0 && (sorted[j] >> 32) == (sorted[j - 1] >> 32) ? run : j;
+        firsts[j] = (int32_t)run;
+    }
+    for (int64_t j = width - 1; j >= 0; j--) {
+        run = j < width - 1 && (sorted[j] >> 32) == (sorted[j + 1] >> 32) ? run : j;
+        const int64_t i = (int64_t)(sorted[j] & 0xFFFFFFFFu);
+        k[i] = (float)(u[i] < della_p(firsts[j], run, spread, scale, offset));
+    }
+}
+
+/* A row with more entries than this that their bucket does not settle is sorted instead. */
+#define DELLA_UNSETTLED 16
+
+/*
+ * DELLA's keep mask for `rows` rows of `width` > 1 magnitudes (flat index `start` onwards):
  * entry i of a row is kept when draw / 2^24 < (rank / (width - 1)) * scale + offset, rank being
- * its tie-averaged ascending rank in the row (ops.select.tie_averaged_ranks), each step
- * rounded to float32 as the torch code rounds it. Magnitudes are >= 0 and not NaN, so their
- * bit patterns sort as they compare. Returns 0, or -1 when scratch memory cannot be had. */
+ * its tie-averaged ascending rank in the row (ops.select.tie_averaged_ranks). Magnitudes are
+ * >= 0 and not NaN, so their bit patterns order as they compare.
+ *
+ * Most entries need no exact rank. The keys are counted into buckets by their leading bits (a
+ * map that never reverses order), so an entry's run of equal keys lies within its bucket's
+ * span of ranks [first, last], and its probability p within [p(first), p(last)]: p only grows
+ * with the rank (or only falls, for a negative scale), each float32 step being monotone. A draw
+ * outside that interval decides the entry; a bucket whose keys are all equal gives its exact
+ * rank. The few entries left (about scale times the entries per bucket, per row) get their rank
+ * by counting the row's smaller and equal keys; a row with many of them is sorted.
+ * Returns 0, or -1 when scratch memory cannot be had.
+ */
 KERNEL int ms_della_keep(const float *magnitude, int64_t rows, int64_t width, uint64_t key,
                          int64_t start, float scale, float offset, float *keep) {
-    uint64_t *scratch = malloc(sizeof(uint64_t) * 2 * (size_t)width);
+    int64_t buckets = 64;
+    while (buckets < width / 2 && buckets < 4096) buckets *= 2;
+    /* Per entry: two radix buffers (for a row that is sorted), key, draw; per bucket: count,
+     * least and greatest key, and the bounds of p. */
+    size_t bytes = (size_t)width * (16 + 4 + 4) + (size_t)buckets * (3 * 4 + 2 * 4);
+    uint8_t *scratch = malloc(bytes);
     if (scratch == NULL) return -1;
+    uint64_t *sort_items = (uint64_t *)scratch;
+    uint32_t *keys = (uint32_t *)(sort_items + 2 * width);
+    float *u = (float *)(keys + width);
+    uint32_t *count = (uint32_t *)(u + width);
+    uint32_t *lowest = count + buckets;
+    uint32_t *highest = lowest + buckets;
+    float *p_low = (float *)(highest + buckets);
+    float *p_high = p_low + buckets;
     const float spread = (float)(width - 1);
     for (int64_t r = 0; r < rows; r++) {
         const float *m = magnitude + r * width;
         float *k = keep + r * width;
-        for (int64_t i = 0; i < width; i++)
-            scratch[i] = (uint64_t)float_to_bits(m[i]) << 32 | (uint64_t)i;
-        uint64_t *sorted = radix_sort_keys(scratch, scratch + width, width);
-        /* Each sorted position's run of equal keys, without branching on it (runs are short
-         * and of any length, so branches would mispredict): its first position on the way
-         * forward, its last on the way back, where the item's column of k takes the run's
-         * mean rank. A second, sequential pass turns ranks into keep decisions. */
-        int32_t *firsts = (int32_t *)(sorted == scratch ? scratch + width : scratch);
-        int64_t run = 0;
-        for (int64_t j = 0; j < width; j++) {
-            run = j > 0 && (sorted[j] >> 32) == (sorted[j - 1] >> 32) ? run : j;
-            firsts[j] = (int32_t)run;
-        }
-        for (int64_t j = width - 1; j >= 0; j--) {
-            run = j < width - 1 && (sorted[j] >> 32) == (sorted[j + 1] >> 32) ? run : j;
-            k[sorted[j] & 0xFFFFFFFFu] = (float)(firsts[j] + run) / 2.0f;
-        }
         const int64_t row_start = start + r * width;
+        /* The least nonzero key, as the least key - 1 (which wraps 0 to the top); 0 when
+         * every key is. */
+        uint32_t below_low = UINT32_MAX, high = 0;
         for (int64_t i = 0; i < width; i++) {
-            const float p = k[i] / spread * scale + offset;
-            k[i] = (float)((float)draw24(key, (uint64_t)(row_start + i)) * 0x1p-24f < p);
+            const uint32_t b = float_to_bits(m[i]);
+            keys[i] = b;
+            below_low = b - 1 < below_low ? b - 1 : below_low;
+            high = b > high ? b : high;
         }
+        const uint32_t low = below_low + 1;
+        for (int64_t i = 0; i < width; i++)
+            u[i] = (float)draw24(key, (uint64_t)(row_start + i)) * 0x1p-24f;
+        /* Bucket 0 holds the zeros (unchanged entries are common); the others split the range
+         * of nonzero keys by their leading bits. */
+        int shift = 0;
+        while (shift < 31 && (high >> shift) - (low >> shift) >= (uint32_t)(buckets - 1)) shift++;
+        const uint32_t origin = low >> shift;
+#define DELLA_BUCKET(b) ((1u + ((b) >> shift) - origin) * (uint32_t)((b) != 0))
+        memset(count, 0, sizeof(uint32_t) * (size_t)buckets);
+        memset(lowest, 0xFF, sizeof(uint32_t) * (size_t)buckets);
+        memset(highest, 0, sizeof(uint32_t) * (size_t)buckets);
+        for (int64_t i = 0; i < width; i++) {
+            const uint32_t b = keys[i], at = DELLA_BUCKET(b);
+            count[at]++;
+            lowest[at] = b < lowest[at] ? b : lowest[at];
+            highest[at] = b > highest[at] ? b : highest[at];
+        }
+        uint32_t at_rank = 0;
+        for (int64_t b = 0; b < buckets; b++) {
+            if (count[b] == 0) continue;
+            const uint32_t last = at_rank + count[b] - 1;
+            if (lowest[b] == highest[b]) {
+                /* One run: its rank is exact. */
+                p_low[b] = p_high[b] = della_p(at_rank, last, spread, scale, offset);
+            } else {
+                const float a = della_p(at_rank, at_rank, spread, scale, offset);
+                const float z = della_p(last, last, spread, scale, offset);
+                p_low[b] = a < z ? a : z;
+                p_high[b] = a < z ? z : a;
+            }
+            at_rank += count[b];
+        }
+        /* Kept below p_low, dropped from p_high up; between them the bucket does not decide.
+         * Counted without branching (whether a draw falls below p_low is a coin toss), so the
+         * compiler can vectorise the loop. */
+        int64_t open = 0;
+        for (int64_t i = 0; i < width; i++) {
+            const uint32_t at = DELLA_BUCKET(keys[i]);
+            /* u < p as the sign of u - p (never -0 for u != p), spread into a mask of 1.0f:
+             * compilers turn a comparison's 0/1 here into a branch, which mispredicts. */
+            const int32_t below = (int32_t)float_to_bits(u[i] - p_low[at]) >> 31;
+            k[i] = bits_to_float((uint32_t)below & 0x3F800000u);
+            open += (u[i] >= p_low[at]) & (u[i] < p_high[at]);
+        }
+        if (open > DELLA_UNSETTLED) {
+            della_row_sorted(keys, u, width, spread, scale, offset, sort_items, k);
+            continue;
+        }
+        for (int64_t i = 0; open > 0 && i < width; i++) {
+            const uint32_t at = DELLA_BUCKET(keys[i]), b = keys[i];
+            if (u[i] < p_low[at] || u[i] >= p_high[at]) continue;
+            open--;
+            /* 32-bit counts (rows are narrower than 2^31) let the loop run 8 keys a step. */
+            int32_t below = 0, equal = 0;
+            for (int64_t c = 0; c < width; c++) {
+                below += keys[c] < b;
+                equal += keys[c] == b;
+            }
+            k[i] = (float)(u[i] < della_p(below, below + equal - 1, spread, scale, offset));
+        }
+#undef DELLA_BUCKET
     }
     free(scratch);
     return 0;
