@@ -54,7 +54,7 @@ clean:
 	rm -rf $(VENV) build dist *.egg-info src/*.egg-info
 
 # Base + 3 fine-tunes of 1B parameters (8 GB, generated once into bench/work/large/), TIES,
-# linear and DARE-TIES against mergekit from a cold and a warm page cache; dropping the cache
-# needs root. Tables in bench/results/large/. `--only dare_ties` reruns one method.
+# linear, DARE-TIES and DELLA against mergekit from a cold and a warm page cache; dropping the
+# cache needs root. Tables in bench/results/large/. `--only dare_ties` reruns one method.
 bench-large: $(STAMP)
 	$(PY) bench/bench_large.py

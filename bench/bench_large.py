@@ -1,7 +1,7 @@
 """The large benchmark: base + 3 fine-tunes of about 1B parameters each (bf16, about 8 GB of
-inputs), merged with TIES, linear and DARE-TIES by mergesmith and mergekit 0.1.5 side by side on
-the same files, each from a warm page cache and from a cold one, against the floor: the time to
-read every input once plus writing the output once.
+inputs), merged with TIES, linear, DARE-TIES and DELLA by mergesmith and mergekit 0.1.5 side by
+side on the same files, each from a warm page cache and from a cold one, against the floor: the
+time to read every input once plus writing the output once.
 
 Cold means the inputs are not in page cache: before each cold run `sync` and
 `echo 3 > /proc/sys/vm/drop_caches`, or, where that is not permitted, posix_fadvise(DONTNEED) on
@@ -12,8 +12,9 @@ reading the checkpoints, not re-reading torch.
 Results accumulate in bench/results/large/latest.json: rerunning one method (`--only dare_ties`)
 or one tool replaces just those rows. Like bench_ties.py, this driver never imports torch.
 
-Usage: python bench/bench_large.py [--only ties,linear,dare_ties] [--tools mergesmith,mergekit]
-       [--cache cold,warm] [--repeat 2] [--mergekit-repeat 1] [--no-threads-sweep]
+Usage: python bench/bench_large.py [--only ties,linear,dare_ties,della]
+       [--tools mergesmith,mergekit] [--cache cold,warm] [--repeat 2] [--mergekit-repeat 1]
+       [--no-threads-sweep]
 """
 
 from __future__ import annotations
@@ -36,9 +37,8 @@ import bench_ties as bt
 import measure
 
 BENCH = Path(__file__).resolve().parent
-# dare_ties last: its mergekit figure moves when mergekit's random-mask generator is replaced,
-# and a rerun of just that method (--only dare_ties) then replaces the last rows.
-METHODS = ("ties", "linear", "dare_ties")
+# A rerun of one method (--only della) replaces just its rows.
+METHODS = ("ties", "linear", "dare_ties", "della")
 CACHES = ("cold", "warm")
 # About 1.0B parameters: TinyLlama's shape (grouped-query attention) with 20 layers, in 1 GB
 # shards like a Hugging Face checkpoint of that size.
@@ -172,11 +172,13 @@ class LargeBench:
             self.data["notes"].append(text)
 
     def forget(self, group: str, method: str, tool: str) -> None:
-        """Drop stored rows that this invocation measures again."""
+        """Drop stored rows that this invocation measures again (a warm-only rerun keeps the
+        cold rows)."""
         self.data["runs"] = [
             r
             for r in self.data["runs"]
             if (r["group"], r["method"], r["tool"]) != (group, method, tool)
+            or r["cache"] not in self.args.cache
         ]
 
     def warm_code(self, tool: bt.Tool) -> None:
@@ -361,7 +363,7 @@ def render(data: dict) -> str:
         f"{md.get('bytes_per_model', 0) / 1e9:.2f} GB per model in 1 GB safetensors shards "
         "(bench/make_models.py). TIES: densities 0.5/0.5/0.3, weights 1.0/0.5/0.7, normalize, "
         "int8_mask; linear: the fine-tunes, weights 1.0/0.5/0.7, normalize; dare_ties: as "
-        "TIES, seed 1.",
+        "TIES, seed 1; della: as TIES with epsilon 0.1, seed 1.",
         "",
         "Method: each tool runs as a subprocess (bench/measure.py). **time** = wall time of the "
         "run plus a `sync` right after it (mergesmith fsyncs its output, mergekit does not, so "
