@@ -431,3 +431,22 @@ def test_della_keep_on_wide_rows(shape, levels, zeros, outlier) -> None:
     m = della_rows(*shape, levels=levels, zeros=zeros, outlier=outlier, seed=1)
     got = native.della_keep(m, 5, 1000, 0.3, 0.35)
     assert torch.equal(got, della_keep_by_torch(m, 5, 1000, 0.3, 0.35))
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_della_measure_matches_its_torch_steps(dtype: torch.dtype) -> None:
+    """The fused measuring pass: |model - base|, the kept part of it, and the mask as bits,
+    each as the torch steps it replaces compute them."""
+    rows, width = 37, 301  # bits of a row straddle bytes
+    base, models = inputs((rows + 2) * width, dtype, seed=9, quantized=True, k=1)
+    start, end = 2 * width, (rows + 2) * width  # a block after the first two rows
+    bits = torch.full(((rows * width + 7) // 8,), 0xAA, dtype=torch.uint8)
+    magnitude, kept = native.della_measure(base, models[0], start, end, width, 21, 0.2, 0.4, bits)
+    expected = torch.sub(models[0][start:], base[start:].float()).abs_()
+    keep = della_keep_by_torch(expected.reshape(rows, width), 21, start, 0.2, 0.4)
+    expected_bits = torch.empty_like(bits)
+    native.pack_mask(keep, expected_bits)
+    assert torch.equal(magnitude, expected)
+    assert torch.equal(kept, expected * keep)
+    assert torch.equal(bits, expected_bits)

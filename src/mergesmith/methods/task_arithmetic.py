@@ -396,12 +396,30 @@ class ModelPlan:
             self.block_bytes = (block + 7) // 8
             self.drawn_bits = torch.empty(self.block_bytes * -(-n // block), dtype=torch.uint8)
         fused_dare = self.kind == "random" and native.handles(base, model)
+        # Rows of one entry have no rank spread: those go the general way.
+        fused_della = self.drawn_bits is not None and shape2d[1] > 1
         threshold = stream.keep_threshold(self.density)
         for number, start, end in block_ranges(n, block):
+            # The fused passes hand torch the same float32 values the general way sums.
             if fused_dare:
                 d, survivors = native.stream_deltas(base, model, start, end, self.seed, threshold)
                 total += float(d.abs_().sum())
                 kept += float(survivors.abs_().sum())
+                continue
+            if fused_della:
+                magnitude, survivors = native.della_measure(
+                    base,
+                    model,
+                    start,
+                    end,
+                    shape2d[1],
+                    self.seed,
+                    2 * self.epsilon,
+                    self.density - self.epsilon,
+                    self._drawn_block(number),
+                )
+                total += float(magnitude.sum())
+                kept += float(survivors.sum())
                 continue
             d = torch.sub(model[start:end], base[start:end].float())
             total += float(d.abs().sum())

@@ -104,6 +104,10 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_stream_deltas.restype = None
     lib.ms_della_keep.argtypes = [p, i64, i64, ctypes.c_uint64, i64, f32, f32, p]
     lib.ms_della_keep.restype = ctypes.c_int
+    lib.ms_della_measure.argtypes = [
+        p, i32, p, i32, i64, i64, i64, ctypes.c_uint64, f32, f32, p, p, p,
+    ]  # fmt: skip
+    lib.ms_della_measure.restype = ctypes.c_int
     return lib
 
 
@@ -339,6 +343,44 @@ def della_keep(
     if kernel(magnitude.data_ptr(), rows, width, key, start, scale, offset, keep.data_ptr()):
         raise KernelError("no memory for the kernel's scratch buffers")
     return keep
+
+
+def della_measure(
+    base: torch.Tensor,
+    model: torch.Tensor,
+    start: int,
+    end: int,
+    width: int,
+    key: int,
+    scale: float,
+    offset: float,
+    bits: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """DELLA's measuring pass over the rows [start, end) of flat inputs (`width` > 1 entries
+    each): |model - base| as float32, the same with the entries della_keep drops zeroed, and
+    that keep mask packed into `bits` (uint8, as pack_mask packs it)."""
+    assert 1 < width < 1 << 31 and (end - start) % width == 0
+    assert bits.dtype == torch.uint8 and bits.numel() >= (end - start + 7) // 8
+    magnitude = torch.empty(end - start, dtype=torch.float32)
+    kept = torch.empty(end - start, dtype=torch.float32)
+    failed = _loaded().ms_della_measure(
+        base.data_ptr(),
+        _DTYPES[base.dtype],
+        model.data_ptr(),
+        _DTYPES[model.dtype],
+        start,
+        (end - start) // width,
+        width,
+        key,
+        scale,
+        offset,
+        magnitude.data_ptr(),
+        kept.data_ptr(),
+        bits.data_ptr(),
+    )
+    if failed:
+        raise KernelError("no memory for the kernel's scratch buffers")
+    return magnitude, kept
 
 
 def pack_mask(keep: torch.Tensor, into: torch.Tensor) -> None:

@@ -18,7 +18,7 @@
 #include <string.h>
 
 /* Bumped whenever a signature or a struct below changes; the loader refuses a stale build. */
-#define MS_ABI 6
+#define MS_ABI 7
 
 /* Elements converted per step: the float32 scratch of every input stays in L1/L2. */
 #define CHUNK 1024
@@ -458,11 +458,40 @@ static void della_row_sorted(const uint32_t *keys, const float *u, int64_t width
 /* A row with more entries than this that their bucket does not settle is sorted instead. */
 #define DELLA_UNSETTLED 16
 
+/* Scratch for della_row: per entry two radix buffers (for a row that is sorted), key and draw;
+ * per bucket its count, least and greatest key, and the bounds of p. */
+typedef struct {
+    int64_t width, buckets;
+    float spread;
+    uint64_t *sort_items;
+    uint32_t *keys, *count, *lowest, *highest;
+    float *u, *p_low, *p_high;
+} DellaScratch;
+
+static int della_scratch(DellaScratch *s, int64_t width) {
+    int64_t buckets = 64;
+    while (buckets < width / 2 && buckets < 4096) buckets *= 2;
+    uint8_t *at = malloc((size_t)width * (16 + 4 + 4) + (size_t)buckets * (3 * 4 + 2 * 4));
+    if (at == NULL) return -1;
+    s->width = width;
+    s->buckets = buckets;
+    s->spread = (float)(width - 1);
+    s->sort_items = (uint64_t *)at;
+    s->keys = (uint32_t *)(s->sort_items + 2 * width);
+    s->u = (float *)(s->keys + width);
+    s->count = (uint32_t *)(s->u + width);
+    s->lowest = s->count + buckets;
+    s->highest = s->lowest + buckets;
+    s->p_low = (float *)(s->highest + buckets);
+    s->p_high = s->p_low + buckets;
+    return 0;
+}
+
 /*
- * DELLA's keep mask for `rows` rows of `width` > 1 magnitudes (flat index `start` onwards):
- * entry i of a row is kept when draw / 2^24 < (rank / (width - 1)) * scale + offset, rank being
- * its tie-averaged ascending rank in the row (ops.select.tie_averaged_ranks). Magnitudes are
- * >= 0 and not NaN, so their bit patterns order as they compare.
+ * DELLA's keep mask for one row of `width` > 1 magnitudes starting at flat index `row_start`:
+ * entry i is kept (k[i] = 1) when draw / 2^24 < (rank / (width - 1)) * scale + offset, rank
+ * being its tie-averaged ascending rank in the row (ops.select.tie_averaged_ranks). Magnitudes
+ * are >= 0 and not NaN, so their bit patterns order as they compare.
  *
  * Most entries need no exact rank. The keys are counted into buckets by their leading bits (a
  * map that never reverses order), so an entry's run of equal keys lies within its bucket's
@@ -471,103 +500,131 @@ static void della_row_sorted(const uint32_t *keys, const float *u, int64_t width
  * outside that interval decides the entry; a bucket whose keys are all equal gives its exact
  * rank. The few entries left (about scale times the entries per bucket, per row) get their rank
  * by counting the row's smaller and equal keys; a row with many of them is sorted.
- * Returns 0, or -1 when scratch memory cannot be had.
  */
+HELPER void della_row(const DellaScratch *s, const float *m, uint64_t key, int64_t row_start,
+                      float scale, float offset, float *k) {
+    const int64_t width = s->width, buckets = s->buckets;
+    const float spread = s->spread;
+    uint32_t *keys = s->keys, *count = s->count, *lowest = s->lowest, *highest = s->highest;
+    float *u = s->u, *p_low = s->p_low, *p_high = s->p_high;
+    /* The least nonzero key, as the least key - 1 (which wraps 0 to the top); 0 when every key
+     * is. */
+    uint32_t below_low = UINT32_MAX, high = 0;
+    for (int64_t i = 0; i < width; i++) {
+        const uint32_t b = float_to_bits(m[i]);
+        keys[i] = b;
+        below_low = b - 1 < below_low ? b - 1 : below_low;
+        high = b > high ? b : high;
+    }
+    const uint32_t low = below_low + 1;
+    for (int64_t i = 0; i < width; i++)
+        u[i] = (float)draw24(key, (uint64_t)(row_start + i)) * 0x1p-24f;
+    /* Bucket 0 holds the zeros (unchanged entries are common); the others split the range of
+     * nonzero keys by their leading bits. */
+    int shift = 0;
+    while (shift < 31 && (high >> shift) - (low >> shift) >= (uint32_t)(buckets - 1)) shift++;
+    const uint32_t origin = low >> shift;
+#define DELLA_BUCKET(b) ((1u + ((b) >> shift) - origin) * (uint32_t)((b) != 0))
+    memset(count, 0, sizeof(uint32_t) * (size_t)buckets);
+    memset(lowest, 0xFF, sizeof(uint32_t) * (size_t)buckets);
+    memset(highest, 0, sizeof(uint32_t) * (size_t)buckets);
+    for (int64_t i = 0; i < width; i++) {
+        const uint32_t b = keys[i], at = DELLA_BUCKET(b);
+        count[at]++;
+        lowest[at] = b < lowest[at] ? b : lowest[at];
+        highest[at] = b > highest[at] ? b : highest[at];
+    }
+    uint32_t at_rank = 0;
+    for (int64_t b = 0; b < buckets; b++) {
+        if (count[b] == 0) continue;
+        const uint32_t last = at_rank + count[b] - 1;
+        if (lowest[b] == highest[b]) {
+            /* One run: its rank is exact. */
+            p_low[b] = p_high[b] = della_p(at_rank, last, spread, scale, offset);
+        } else {
+            const float a = della_p(at_rank, at_rank, spread, scale, offset);
+            const float z = della_p(last, last, spread, scale, offset);
+            p_low[b] = a < z ? a : z;
+            p_high[b] = a < z ? z : a;
+        }
+        at_rank += count[b];
+    }
+    /* Kept below p_low, dropped from p_high up; between them the bucket does not decide.
+     * Counted without branching (whether a draw falls below p_low is a coin toss). */
+    int64_t open = 0;
+    for (int64_t i = 0; i < width; i++) {
+        const uint32_t at = DELLA_BUCKET(keys[i]);
+        /* u < p as the sign of u - p (never -0 for u != p), spread into a mask of 1.0f:
+         * compilers turn a comparison's 0/1 here into a branch, which mispredicts. */
+        const int32_t below = (int32_t)float_to_bits(u[i] - p_low[at]) >> 31;
+        k[i] = bits_to_float((uint32_t)below & 0x3F800000u);
+        open += (u[i] >= p_low[at]) & (u[i] < p_high[at]);
+    }
+    if (open > DELLA_UNSETTLED) {
+        della_row_sorted(keys, u, width, spread, scale, offset, s->sort_items, k);
+        return;
+    }
+    for (int64_t i = 0; open > 0 && i < width; i++) {
+        const uint32_t at = DELLA_BUCKET(keys[i]), b = keys[i];
+        if (u[i] < p_low[at] || u[i] >= p_high[at]) continue;
+        open--;
+        /* 32-bit counts (rows are narrower than 2^31) let the loop run 8 keys a step. */
+        int32_t below = 0, equal = 0;
+        for (int64_t c = 0; c < width; c++) {
+            below += keys[c] < b;
+            equal += keys[c] == b;
+        }
+        k[i] = (float)(u[i] < della_p(below, below + equal - 1, spread, scale, offset));
+    }
+#undef DELLA_BUCKET
+}
+
+/* DELLA's keep mask (della_row) for `rows` rows of `width` > 1 magnitudes, flat index `start`
+ * onwards. Returns 0, or -1 when scratch memory cannot be had. */
 KERNEL int ms_della_keep(const float *magnitude, int64_t rows, int64_t width, uint64_t key,
                          int64_t start, float scale, float offset, float *keep) {
-    int64_t buckets = 64;
-    while (buckets < width / 2 && buckets < 4096) buckets *= 2;
-    /* Per entry: two radix buffers (for a row that is sorted), key, draw; per bucket: count,
-     * least and greatest key, and the bounds of p. */
-    size_t bytes = (size_t)width * (16 + 4 + 4) + (size_t)buckets * (3 * 4 + 2 * 4);
-    uint8_t *scratch = malloc(bytes);
-    if (scratch == NULL) return -1;
-    uint64_t *sort_items = (uint64_t *)scratch;
-    uint32_t *keys = (uint32_t *)(sort_items + 2 * width);
-    float *u = (float *)(keys + width);
-    uint32_t *count = (uint32_t *)(u + width);
-    uint32_t *lowest = count + buckets;
-    uint32_t *highest = lowest + buckets;
-    float *p_low = (float *)(highest + buckets);
-    float *p_high = p_low + buckets;
-    const float spread = (float)(width - 1);
-    for (int64_t r = 0; r < rows; r++) {
-        const float *m = magnitude + r * width;
-        float *k = keep + r * width;
-        const int64_t row_start = start + r * width;
-        /* The least nonzero key, as the least key - 1 (which wraps 0 to the top); 0 when
-         * every key is. */
-        uint32_t below_low = UINT32_MAX, high = 0;
-        for (int64_t i = 0; i < width; i++) {
-            const uint32_t b = float_to_bits(m[i]);
-            keys[i] = b;
-            below_low = b - 1 < below_low ? b - 1 : below_low;
-            high = b > high ? b : high;
-        }
-        const uint32_t low = below_low + 1;
-        for (int64_t i = 0; i < width; i++)
-            u[i] = (float)draw24(key, (uint64_t)(row_start + i)) * 0x1p-24f;
-        /* Bucket 0 holds the zeros (unchanged entries are common); the others split the range
-         * of nonzero keys by their leading bits. */
-        int shift = 0;
-        while (shift < 31 && (high >> shift) - (low >> shift) >= (uint32_t)(buckets - 1)) shift++;
-        const uint32_t origin = low >> shift;
-#define DELLA_BUCKET(b) ((1u + ((b) >> shift) - origin) * (uint32_t)((b) != 0))
-        memset(count, 0, sizeof(uint32_t) * (size_t)buckets);
-        memset(lowest, 0xFF, sizeof(uint32_t) * (size_t)buckets);
-        memset(highest, 0, sizeof(uint32_t) * (size_t)buckets);
-        for (int64_t i = 0; i < width; i++) {
-            const uint32_t b = keys[i], at = DELLA_BUCKET(b);
-            count[at]++;
-            lowest[at] = b < lowest[at] ? b : lowest[at];
-            highest[at] = b > highest[at] ? b : highest[at];
-        }
-        uint32_t at_rank = 0;
-        for (int64_t b = 0; b < buckets; b++) {
-            if (count[b] == 0) continue;
-            const uint32_t last = at_rank + count[b] - 1;
-            if (lowest[b] == highest[b]) {
-                /* One run: its rank is exact. */
-                p_low[b] = p_high[b] = della_p(at_rank, last, spread, scale, offset);
-            } else {
-                const float a = della_p(at_rank, at_rank, spread, scale, offset);
-                const float z = della_p(last, last, spread, scale, offset);
-                p_low[b] = a < z ? a : z;
-                p_high[b] = a < z ? z : a;
-            }
-            at_rank += count[b];
-        }
-        /* Kept below p_low, dropped from p_high up; between them the bucket does not decide.
-         * Counted without branching (whether a draw falls below p_low is a coin toss), so the
-         * compiler can vectorise the loop. */
-        int64_t open = 0;
-        for (int64_t i = 0; i < width; i++) {
-            const uint32_t at = DELLA_BUCKET(keys[i]);
-            /* u < p as the sign of u - p (never -0 for u != p), spread into a mask of 1.0f:
-             * compilers turn a comparison's 0/1 here into a branch, which mispredicts. */
-            const int32_t below = (int32_t)float_to_bits(u[i] - p_low[at]) >> 31;
-            k[i] = bits_to_float((uint32_t)below & 0x3F800000u);
-            open += (u[i] >= p_low[at]) & (u[i] < p_high[at]);
-        }
-        if (open > DELLA_UNSETTLED) {
-            della_row_sorted(keys, u, width, spread, scale, offset, sort_items, k);
-            continue;
-        }
-        for (int64_t i = 0; open > 0 && i < width; i++) {
-            const uint32_t at = DELLA_BUCKET(keys[i]), b = keys[i];
-            if (u[i] < p_low[at] || u[i] >= p_high[at]) continue;
-            open--;
-            /* 32-bit counts (rows are narrower than 2^31) let the loop run 8 keys a step. */
-            int32_t below = 0, equal = 0;
-            for (int64_t c = 0; c < width; c++) {
-                below += keys[c] < b;
-                equal += keys[c] == b;
-            }
-            k[i] = (float)(u[i] < della_p(below, below + equal - 1, spread, scale, offset));
-        }
-#undef DELLA_BUCKET
+    DellaScratch s;
+    if (della_scratch(&s, width)) return -1;
+    for (int64_t r = 0; r < rows; r++)
+        della_row(&s, magnitude + r * width, key, start + r * width, scale, offset,
+                  keep + r * width);
+    free(s.sort_items);
+    return 0;
+}
+
+/* DELLA's `rescale` measuring pass over `rows` rows of `width` > 1 entries of flat inputs from
+ * `start`: the magnitudes |model - base| (float32), the same times the keep mask, for torch to
+ * sum exactly as the torch code sums them, and the mask as bits (entry i of the block is bit
+ * i % 8 of byte i / 8, as TRIM_GIVEN_BITS reads them). One pass instead of the torch code's
+ * conversion, subtraction, two absolute values, product and packing. Returns 0, or -1 when
+ * scratch memory cannot be had. */
+KERNEL int ms_della_measure(const void *base, int32_t base_dtype, const void *model,
+                            int32_t model_dtype, int64_t start, int64_t rows, int64_t width,
+                            uint64_t key, float scale, float offset, float *magnitude,
+                            float *kept, uint8_t *bits) {
+    DellaScratch s;
+    if (della_scratch(&s, width)) return -1;
+    float *row = malloc(sizeof(float) * (size_t)width * 2);
+    if (row == NULL) {
+        free(s.sort_items);
+        return -1;
     }
-    free(scratch);
+    float *k = row + width;
+    memset(bits, 0, (size_t)((rows * width + 7) / 8));
+    for (int64_t r = 0; r < rows; r++) {
+        const int64_t at = r * width;
+        float *m = magnitude + at;
+        load_f32(base, base_dtype, start + at, width, row);
+        load_f32(model, model_dtype, start + at, width, m);
+        for (int64_t i = 0; i < width; i++) m[i] = fabsf(m[i] - row[i]);
+        della_row(&s, m, key, start + at, scale, offset, k);
+        for (int64_t i = 0; i < width; i++) {
+            kept[at + i] = m[i] * k[i];
+            bits[(at + i) >> 3] |= (uint8_t)((k[i] != 0.0f) << ((at + i) & 7));
+        }
+    }
+    free(row);
+    free(s.sort_items);
     return 0;
 }
 
