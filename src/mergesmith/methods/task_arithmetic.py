@@ -402,9 +402,11 @@ class ModelPlan:
         for number, start, end in block_ranges(n, block):
             # The fused passes hand torch the same float32 values the general way sums.
             if fused_dare:
-                d, survivors = native.stream_deltas(base, model, start, end, self.seed, threshold)
-                total += float(d.abs_().sum())
-                kept += float(survivors.abs_().sum())
+                magnitude, survivors = native.stream_magnitudes(
+                    base, model, start, end, self.seed, threshold
+                )
+                total += float(magnitude.sum())
+                kept += float(survivors.sum())
                 continue
             if fused_della:
                 magnitude, survivors = native.della_measure(

@@ -100,8 +100,8 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_sample_keys.restype = None
     lib.ms_stream_keep.argtypes = [ctypes.c_uint64, i64, i64, i64, p, p]
     lib.ms_stream_keep.restype = None
-    lib.ms_stream_deltas.argtypes = [p, i32, p, i32, i64, i64, ctypes.c_uint64, i64, p, p]
-    lib.ms_stream_deltas.restype = None
+    lib.ms_stream_magnitudes.argtypes = [p, i32, p, i32, i64, i64, ctypes.c_uint64, i64, p, p]
+    lib.ms_stream_magnitudes.restype = None
     lib.ms_della_keep.argtypes = [p, i64, i64, ctypes.c_uint64, i64, f32, f32, p]
     lib.ms_della_keep.restype = ctypes.c_int
     lib.ms_della_measure.argtypes = [
@@ -307,14 +307,14 @@ def stream_keep(
     return keep
 
 
-def stream_deltas(
+def stream_magnitudes(
     base: torch.Tensor, model: torch.Tensor, start: int, end: int, key: int, threshold: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """model - base over [start, end) of the flat inputs as float32, and the same with the
+    """|model - base| over [start, end) of the flat inputs as float32, and the same with the
     entries that ops.stream drops (draw >= threshold) zeroed."""
-    delta = torch.empty(end - start, dtype=torch.float32)
+    magnitude = torch.empty(end - start, dtype=torch.float32)
     kept = torch.empty(end - start, dtype=torch.float32)
-    _loaded().ms_stream_deltas(
+    _loaded().ms_stream_magnitudes(
         base.data_ptr(),
         _DTYPES[base.dtype],
         model.data_ptr(),
@@ -323,10 +323,10 @@ def stream_deltas(
         end - start,
         key,
         threshold,
-        delta.data_ptr(),
+        magnitude.data_ptr(),
         kept.data_ptr(),
     )
-    return delta, kept
+    return magnitude, kept
 
 
 def della_keep(

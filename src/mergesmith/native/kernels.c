@@ -18,7 +18,7 @@
 #include <string.h>
 
 /* Bumped whenever a signature or a struct below changes; the loader refuses a stale build. */
-#define MS_ABI 7
+#define MS_ABI 8
 
 /* Elements converted per step: the float32 scratch of every input stays in L1/L2. */
 #define CHUNK 1024
@@ -629,19 +629,19 @@ KERNEL int ms_della_measure(const void *base, int32_t base_dtype, const void *mo
 }
 
 /* DARE's rescale measures two L1 norms per block: of delta = model - base, and of what the
- * stream keeps of it. This writes both vectors (delta, and delta * keep) in one pass; the sums
- * are torch's, on the same float32 values the torch code sums. */
-KERNEL void ms_stream_deltas(const void *base, int32_t base_dtype, const void *model,
-                             int32_t model_dtype, int64_t start, int64_t count, uint64_t key,
-                             int64_t threshold, float *delta, float *kept) {
+ * stream keeps of it. This writes both vectors of magnitudes (|delta|, and |delta| * keep) in
+ * one pass; the sums are torch's, on the same float32 values the torch code sums. */
+KERNEL void ms_stream_magnitudes(const void *base, int32_t base_dtype, const void *model,
+                                 int32_t model_dtype, int64_t start, int64_t count, uint64_t key,
+                                 int64_t threshold, float *magnitude, float *kept) {
     float b[CHUNK];
     for (int64_t at = 0; at < count; at += CHUNK) {
         int64_t n = count - at < CHUNK ? count - at : CHUNK;
-        float *d = delta + at;
+        float *d = magnitude + at;
         load_f32(base, base_dtype, start + at, n, b);
         load_f32(model, model_dtype, start + at, n, d);
         for (int64_t i = 0; i < n; i++) {
-            d[i] = d[i] - b[i];
+            d[i] = fabsf(d[i] - b[i]);
             kept[at + i] =
                 d[i] * (float)((int64_t)draw24(key, (uint64_t)(start + at + i)) < threshold);
         }
