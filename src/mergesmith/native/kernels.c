@@ -618,10 +618,20 @@ KERNEL int ms_della_measure(const void *base, int32_t base_dtype, const void *mo
         load_f32(model, model_dtype, start + at, width, m);
         for (int64_t i = 0; i < width; i++) m[i] = fabsf(m[i] - row[i]);
         della_row(&s, m, key, start + at, scale, offset, k);
-        for (int64_t i = 0; i < width; i++) {
-            kept[at + i] = m[i] * k[i];
+        for (int64_t i = 0; i < width; i++) kept[at + i] = m[i] * k[i];
+        /* Bits gathered a byte at a time in a register: or-ing each into memory would chain
+         * eight dependent stores per byte. A row's first and last bytes may be shared with
+         * its neighbours. */
+        int64_t i = 0;
+        for (; i < width && ((at + i) & 7) != 0; i++)
             bits[(at + i) >> 3] |= (uint8_t)((k[i] != 0.0f) << ((at + i) & 7));
+        for (; i + 8 <= width; i += 8) {
+            uint32_t byte = 0;
+            for (int j = 0; j < 8; j++) byte |= (uint32_t)(k[i + j] != 0.0f) << j;
+            bits[(at + i) >> 3] = (uint8_t)byte;
         }
+        for (; i < width; i++)
+            bits[(at + i) >> 3] |= (uint8_t)((k[i] != 0.0f) << ((at + i) & 7));
     }
     free(row);
     free(s.sort_items);
