@@ -78,6 +78,15 @@ def assert_identical(got: Path, expected: Path, what: str = "the expected output
         assert got_files[name] == data, f"{name} differs from {what}"
 
 
+def assert_kernels_match_torch_code(recipe: Path, folder: Path) -> None:
+    """`mergesmith run` writes the same bytes with its C kernels as with the torch code."""
+    fast = run_cli("run", recipe, folder / "fast")
+    assert fast.returncode == 0, fast.stderr
+    slow = run_cli("run", recipe, folder / "slow", env={"MERGESMITH_KERNELS": "torch"})
+    assert slow.returncode == 0, slow.stderr
+    assert_identical(folder / "fast", folder / "slow", "the torch path's output")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster (two nodes, one CPU each) for the whole run, this process its

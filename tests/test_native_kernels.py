@@ -25,7 +25,7 @@ from mergesmith.methods.task_arithmetic import merge_task_vectors
 from mergesmith.ops import stream
 from mergesmith.ops.blocks import BLOCK
 from mergesmith.ops.select import tie_averaged_ranks
-from tests.conftest import assert_identical, run_cli, write_recipe
+from tests.conftest import assert_kernels_match_torch_code, write_recipe
 
 needs_kernels = pytest.mark.skipif(not native.available(), reason="C kernels not built")
 
@@ -363,11 +363,7 @@ def test_cli_output_is_byte_identical_without_kernels(
     recipe = write_recipe(
         tmp_path, f"merge_method: {method}\n{base_line}models:\n{models}dtype: bfloat16\n"
     )
-    fast = run_cli("run", recipe, tmp_path / "fast")
-    assert fast.returncode == 0, fast.stderr
-    slow = run_cli("run", recipe, tmp_path / "slow", env={"MERGESMITH_KERNELS": "torch"})
-    assert slow.returncode == 0, slow.stderr
-    assert_identical(tmp_path / "fast", tmp_path / "slow", "the torch path's output")
+    assert_kernels_match_torch_code(recipe, tmp_path)
 
 
 def della_keep_by_torch(magnitude: torch.Tensor, key: int, start: int, scale: float, offset):

@@ -28,7 +28,7 @@ from mergesmith.methods.nearswap import nearswap
 from mergesmith.methods.nuslerp import nuslerp
 from mergesmith.native import whole
 from mergesmith.ops.spherical import SUM_CHUNK, row_grams
-from tests.conftest import assert_identical, run_cli, write_recipe
+from tests.conftest import assert_kernels_match_torch_code, write_recipe
 
 needs_kernels = pytest.mark.skipif(
     not whole.handles(torch.zeros(1)), reason="C kernels (with whole.c) not built"
@@ -219,8 +219,4 @@ def test_cli_output_is_byte_identical_without_kernels(
     recipe = write_recipe(
         tmp_path, f"merge_method: {method}\n{base_line}models:\n{models}{extra}dtype: bfloat16\n"
     )
-    fast = run_cli("run", recipe, tmp_path / "fast")
-    assert fast.returncode == 0, fast.stderr
-    slow = run_cli("run", recipe, tmp_path / "slow", env={"MERGESMITH_KERNELS": "torch"})
-    assert slow.returncode == 0, slow.stderr
-    assert_identical(tmp_path / "fast", tmp_path / "slow", "the torch path's output")
+    assert_kernels_match_torch_code(recipe, tmp_path)
