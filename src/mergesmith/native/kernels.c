@@ -468,6 +468,7 @@ typedef struct {
     float *u, *p_low, *p_high;
 } DellaScratch;
 
+/* One allocation, starting at sort_items: free(s->sort_items) releases all of it. */
 static int della_scratch(DellaScratch *s, int64_t width) {
     int64_t buckets = 64;
     while (buckets < width / 2 && buckets < 4096) buckets *= 2;
