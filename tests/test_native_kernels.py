@@ -431,6 +431,27 @@ def test_della_keep_on_wide_rows(shape, levels, zeros, outlier) -> None:
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_stream_magnitudes_matches_its_torch_steps(dtype: torch.dtype) -> None:
+    """DARE's fused measuring pass: |model - base|, the part the stream keeps, and that mask as
+    bits, over a range that starts off a byte and ends inside a byte of its last chunk."""
+    base, models = inputs(5000, dtype, seed=6, quantized=True, k=1)
+    model = models[0].clone()
+    model[20], model[21] = math.inf, math.nan  # a dropped inf is NaN in `kept`, as in torch
+    start, end = 13, 13 + 2 * 1024 + 1001
+    threshold = stream.keep_threshold(0.3)
+    packed = torch.full(((end - start + 7) // 8,), 0xAA, dtype=torch.uint8)
+    magnitude, kept = native.stream_magnitudes(base, model, start, end, 99, threshold, packed)
+    expected = torch.sub(model[start:end], base[start:end].float()).abs_()
+    keep = stream.keep_with_probability(99, start, end - start, 0.3)
+    expected_bits = torch.empty_like(packed)
+    native.pack_mask(keep, expected_bits)
+    assert torch.equal(bits(magnitude), bits(expected))
+    assert torch.equal(bits(kept), bits(expected * keep))
+    assert torch.equal(packed, expected_bits)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_della_measure_matches_its_torch_steps(dtype: torch.dtype) -> None:
     """The fused measuring pass: |model - base|, the kept part of it, and the mask as bits,
     each as the torch steps it replaces compute them."""

@@ -18,6 +18,7 @@ import torch
 from mergesmith import native
 from mergesmith.methods.registry import (
     REFERENCE,
+    JobSize,
     Param,
     PerModel,
     blocked,
@@ -324,11 +325,11 @@ class ModelPlan:
         self.upper: Cut | None = None  # ...and at or before this one
         self.keep_none = False
         self.factor = 1.0
-        # DELLA's masks drawn while measuring for `rescale`, one bit per entry, each block's at
-        # `block_bytes` * its number: the combining pass reuses them instead of ranking every
-        # row again. Only the C kernel reads these. One buffer, not one per block: small
-        # long-lived allocations pin freed memory in the heap. (DARE draws again: its stream
-        # costs less than reading the bits back.)
+        # DARE's and DELLA's masks drawn while measuring for `rescale`, one bit per entry,
+        # each block's at `block_bytes` * its number: the combining pass reads them back
+        # instead of drawing again (DARE: several times dearer than reading a bit) or ranking
+        # every row again (DELLA). Only the C kernel reads these. One buffer, not one per
+        # block: small long-lived allocations pin freed memory in the heap.
         self.drawn_bits: torch.Tensor | None = None
         self.block_bytes = 0
 
@@ -392,18 +393,19 @@ class ModelPlan:
         if not self.rescale or self.kind is None or self.keep_none:
             return
         total = kept = 0.0
-        if self.kind == "della_magprune" and native.handles(base, model):
+        if self.kind in _DRAWN_KINDS and native.handles(base, model):
             self.block_bytes = (block + 7) // 8
             self.drawn_bits = torch.empty(self.block_bytes * -(-n // block), dtype=torch.uint8)
-        fused_dare = self.kind == "random" and native.handles(base, model)
+        fused_dare = self.kind == "random" and self.drawn_bits is not None
         # Rows of one entry have no rank spread: those go the general way.
-        fused_della = self.drawn_bits is not None and shape2d[1] > 1
+        fused_della = self.kind == "della_magprune" and self.drawn_bits is not None
+        fused_della = fused_della and shape2d[1] > 1
         threshold = stream.keep_threshold(self.density)
         for number, start, end in block_ranges(n, block):
             # The fused passes hand torch the same float32 values the general way sums.
             if fused_dare:
                 magnitude, survivors = native.stream_magnitudes(
-                    base, model, start, end, self.seed, threshold
+                    base, model, start, end, self.seed, threshold, self._drawn_block(number)
                 )
                 total += float(magnitude.sum())
                 kept += float(survivors.sum())
@@ -467,8 +469,8 @@ class ModelPlan:
         end: int,
         shape2d: tuple[int, int],
     ) -> torch.Tensor:
-        """DELLA's `keep` for block [start, end) of flat inputs: float 0/1, or the bits kept
-        from measuring (uint8)."""
+        """DARE's or DELLA's `keep` for block [start, end) of flat inputs: the bits kept from
+        measuring (uint8), or DELLA's float 0/1 mask."""
         if self.drawn_bits is not None:
             return self._drawn_block(number)
         delta = torch.sub(model[start:end], base[start:end].float())
@@ -526,12 +528,12 @@ class ModelPlan:
         if self.keep_none:
             trim.mode = native.TRIM_TIMES_ZERO
             return trim
+        if self.kind == "della_magprune" or self.drawn_bits is not None:
+            trim.mode = native.TRIM_GIVEN  # the caller supplies drawn_keep's mask
+            return trim
         if self.kind == "random":
             trim.mode, trim.stream_key = native.TRIM_RANDOM, self.seed
             trim.threshold = stream.keep_threshold(self.density)
-            return trim
-        if self.kind == "della_magprune":
-            trim.mode = native.TRIM_GIVEN  # the caller supplies drawn_keep's mask
             return trim
         cuts = [c for c in (self.lower, self.upper) if c is not None]
         if any(c.splits(start, end) for c in cuts):
@@ -643,6 +645,15 @@ def task_vector_merge(
     )
 
 
+_BLOCKED = blocked()
+
+
+def _drawn_memory(job: JobSize) -> int:
+    """Blocked, plus the masks that DARE and DELLA keep from measuring `rescale` to combining:
+    a bit per entry per input (the base counted too, an upper bound)."""
+    return _BLOCKED(job) + job.inputs * -(-job.numel // 8)
+
+
 # Parameters of the family function that a row without that sparsifier does not take.
 _SPARSIFIER_PARAMS = {"density": None, "gamma": "magnitude_outliers", "epsilon": "della_magprune"}
 
@@ -656,7 +667,7 @@ for _name, _row in FAMILY.items():
         _name,
         _row.description,
         base=REFERENCE,
-        memory=blocked(),
+        memory=_drawn_memory if _row.sparsifier in _DRAWN_KINDS else _BLOCKED,
         # NaN and Inf survive every mask, weight and sum (x * 0 is NaN for them).
         finite_check="output",
         random=_row.sparsifier in _DRAWN_KINDS,

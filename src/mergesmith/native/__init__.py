@@ -100,7 +100,9 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_sample_keys.restype = None
     lib.ms_stream_keep.argtypes = [ctypes.c_uint64, i64, i64, i64, p, p]
     lib.ms_stream_keep.restype = None
-    lib.ms_stream_magnitudes.argtypes = [p, i32, p, i32, i64, i64, ctypes.c_uint64, i64, p, p]
+    lib.ms_stream_magnitudes.argtypes = [
+        p, i32, p, i32, i64, i64, ctypes.c_uint64, i64, p, p, p,
+    ]  # fmt: skip
     lib.ms_stream_magnitudes.restype = None
     lib.ms_della_keep.argtypes = [p, i64, i64, ctypes.c_uint64, i64, f32, f32, p]
     lib.ms_della_keep.restype = ctypes.c_int
@@ -308,10 +310,18 @@ def stream_keep(
 
 
 def stream_magnitudes(
-    base: torch.Tensor, model: torch.Tensor, start: int, end: int, key: int, threshold: int
+    base: torch.Tensor,
+    model: torch.Tensor,
+    start: int,
+    end: int,
+    key: int,
+    threshold: int,
+    bits: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """|model - base| over [start, end) of the flat inputs as float32, and the same with the
-    entries that ops.stream drops (draw >= threshold) zeroed."""
+    """|model - base| over [start, end) of the flat inputs as float32, the same with the
+    entries that ops.stream drops (draw >= threshold) zeroed, and that keep mask packed into
+    `bits` (uint8, as pack_mask packs it)."""
+    assert bits.dtype == torch.uint8 and bits.numel() >= (end - start + 7) // 8
     magnitude = torch.empty(end - start, dtype=torch.float32)
     kept = torch.empty(end - start, dtype=torch.float32)
     _loaded().ms_stream_magnitudes(
@@ -325,6 +335,7 @@ def stream_magnitudes(
         threshold,
         magnitude.data_ptr(),
         kept.data_ptr(),
+        bits.data_ptr(),
     )
     return magnitude, kept
 

@@ -18,7 +18,7 @@
 #include <string.h>
 
 /* Bumped whenever a signature or a struct below changes; the loader refuses a stale build. */
-#define MS_ABI 8
+#define MS_ABI 9
 
 /* Elements converted per step: the float32 scratch of every input stays in L1/L2. */
 #define CHUNK 1024
@@ -77,6 +77,24 @@ static inline uint32_t draw24(uint64_t key, uint64_t index) {
     return (uint32_t)(z >> 40);
 }
 
+/* Entry j of row b is bit j of b, as 0.0f or 1.0f. Filled when the library is loaded. */
+static float byte_as_floats[256][8];
+
+__attribute__((constructor)) static void fill_byte_as_floats(void) {
+    for (int b = 0; b < 256; b++)
+        for (int j = 0; j < 8; j++) byte_as_floats[b][j] = (float)((b >> j) & 1);
+}
+
+/* Eight 0/1 bytes (entry j in byte j, little-endian) as one byte's bits (entry j at bit j).
+ * The multiplier's byte k is 2^(7 - k), so byte j times it puts a copy of entry j at bit
+ * 8j + 8k + 7 - k: for k = 7 - j that is bit 56 + j, and every other copy lands at a bit
+ * of its own below 56 or above 63, so no sum carries into the top byte. */
+static inline uint8_t gather_bits(const uint8_t *flags) {
+    uint64_t word;
+    memcpy(&word, flags, sizeof word);
+    return (uint8_t)((word * 0x0102040810204080ULL) >> 56);
+}
+
 static inline float hardshrink(float x, float limit) {
     return (x >= -limit && x <= limit) ? 0.0f : x;
 }
@@ -127,8 +145,19 @@ HELPER void trim_chunk(Trim *t, float *restrict d, int64_t count, int64_t into_b
         break;
     }
     case TRIM_GIVEN_BITS: {
+        /* Whole bytes through a table of their eight 0/1 floats: one vector multiply per
+         * byte, where a shift per entry does not vectorize. */
         const uint8_t *restrict bits = (const uint8_t *)t->keep;
-        for (int64_t i = 0; i < count; i++) {
+        int64_t i = 0;
+        for (; i < count && ((into_block + i) & 7) != 0; i++) {
+            int64_t at = into_block + i;
+            d[i] = d[i] * (float)((bits[at >> 3] >> (at & 7)) & 1);
+        }
+        for (; i + 8 <= count; i += 8) {
+            const float *restrict ones = byte_as_floats[bits[(into_block + i) >> 3]];
+            for (int j = 0; j < 8; j++) d[i + j] = d[i + j] * ones[j];
+        }
+        for (; i < count; i++) {
             int64_t at = into_block + i;
             d[i] = d[i] * (float)((bits[at >> 3] >> (at & 7)) & 1);
         }
@@ -641,21 +670,30 @@ KERNEL int ms_della_measure(const void *base, int32_t base_dtype, const void *mo
 
 /* DARE's rescale measures two L1 norms per block: of delta = model - base, and of what the
  * stream keeps of it. This writes both vectors of magnitudes (|delta|, and |delta| * keep) in
- * one pass; the sums are torch's, on the same float32 values the torch code sums. */
+ * one pass, for torch to sum exactly as the torch code sums them, and the keep mask as bits
+ * (entry i of the block is bit i % 8 of byte i / 8, as TRIM_GIVEN_BITS reads them): the
+ * combining pass reads those back instead of drawing again, which costs several times more. */
 KERNEL void ms_stream_magnitudes(const void *base, int32_t base_dtype, const void *model,
                                  int32_t model_dtype, int64_t start, int64_t count, uint64_t key,
-                                 int64_t threshold, float *magnitude, float *kept) {
+                                 int64_t threshold, float *magnitude, float *kept,
+                                 uint8_t *bits) {
     float b[CHUNK];
+    uint8_t keep[CHUNK];
     for (int64_t at = 0; at < count; at += CHUNK) {
         int64_t n = count - at < CHUNK ? count - at : CHUNK;
         float *d = magnitude + at;
         load_f32(base, base_dtype, start + at, n, b);
         load_f32(model, model_dtype, start + at, n, d);
+        for (int64_t i = 0; i < n; i++)
+            keep[i] = (uint8_t)((int64_t)draw24(key, (uint64_t)(start + at + i)) < threshold);
         for (int64_t i = 0; i < n; i++) {
             d[i] = fabsf(d[i] - b[i]);
-            kept[at + i] =
-                d[i] * (float)((int64_t)draw24(key, (uint64_t)(start + at + i)) < threshold);
+            kept[at + i] = d[i] * (float)keep[i];
         }
+        /* CHUNK is a multiple of 8, so each chunk starts on a byte; the last may end inside
+         * one, whose missing entries count as dropped. */
+        for (int64_t i = n; i < CHUNK && (i & 7) != 0; i++) keep[i] = 0;
+        for (int64_t i = 0; i < n; i += 8) bits[(at + i) >> 3] = gather_bits(keep + i);
     }
 }
 
