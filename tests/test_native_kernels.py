@@ -436,7 +436,7 @@ def test_stream_magnitudes_matches_its_torch_steps(dtype: torch.dtype) -> None:
     bits, over a range that starts off a byte and ends inside a byte of its last chunk."""
     base, models = inputs(5000, dtype, seed=6, quantized=True, k=1)
     model = models[0].clone()
-    model[20], model[21] = math.inf, math.nan  # a dropped inf is NaN in `kept`, as in torch
+    model[20], model[21] = math.inf, math.nan  # `kept` must hold what torch's product gives
     start, end = 13, 13 + 2 * 1024 + 1001
     threshold = stream.keep_threshold(0.3)
     packed = torch.full(((end - start + 7) // 8,), 0xAA, dtype=torch.uint8)

@@ -394,7 +394,7 @@ class ModelPlan:
             return
         total = kept = 0.0
         if self.kind in _DRAWN_KINDS and native.handles(base, model):
-            self.block_bytes = (block + 7) // 8
+            self.block_bytes = (min(block, n) + 7) // 8  # a small tensor is one short block
             self.drawn_bits = torch.empty(self.block_bytes * -(-n // block), dtype=torch.uint8)
         fused_dare = self.kind == "random" and self.drawn_bits is not None
         # Rows of one entry have no rank spread: those go the general way.
