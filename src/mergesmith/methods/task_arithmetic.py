@@ -398,8 +398,9 @@ class ModelPlan:
             self.drawn_bits = torch.empty(self.block_bytes * -(-n // block), dtype=torch.uint8)
         fused_dare = self.kind == "random" and self.drawn_bits is not None
         # Rows of one entry have no rank spread: those go the general way.
-        fused_della = self.kind == "della_magprune" and self.drawn_bits is not None
-        fused_della = fused_della and shape2d[1] > 1
+        fused_della = (
+            self.kind == "della_magprune" and self.drawn_bits is not None and shape2d[1] > 1
+        )
         threshold = stream.keep_threshold(self.density)
         for number, start, end in block_ranges(n, block):
             # The fused passes hand torch the same float32 values the general way sums.

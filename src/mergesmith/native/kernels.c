@@ -85,6 +85,11 @@ __attribute__((constructor)) static void fill_byte_as_floats(void) {
         for (int j = 0; j < 8; j++) byte_as_floats[b][j] = (float)((b >> j) & 1);
 }
 
+/* Entry `at` of a mask packed as bits (bit at % 8 of byte at / 8), as 0.0f or 1.0f. */
+static inline float bit_as_float(const uint8_t *bits, int64_t at) {
+    return (float)((bits[at >> 3] >> (at & 7)) & 1);
+}
+
 /* Eight 0/1 bytes (entry j in byte j, little-endian) as one byte's bits (entry j at bit j).
  * The multiplier's byte k is 2^(7 - k), so byte j times it puts a copy of entry j at bit
  * 8j + 8k + 7 - k: for k = 7 - j that is bit 56 + j, and every other copy lands at a bit
@@ -149,18 +154,13 @@ HELPER void trim_chunk(Trim *t, float *restrict d, int64_t count, int64_t into_b
          * byte, where a shift per entry does not vectorize. */
         const uint8_t *restrict bits = (const uint8_t *)t->keep;
         int64_t i = 0;
-        for (; i < count && ((into_block + i) & 7) != 0; i++) {
-            int64_t at = into_block + i;
-            d[i] = d[i] * (float)((bits[at >> 3] >> (at & 7)) & 1);
-        }
+        for (; i < count && ((into_block + i) & 7) != 0; i++)
+            d[i] = d[i] * bit_as_float(bits, into_block + i);
         for (; i + 8 <= count; i += 8) {
             const float *restrict ones = byte_as_floats[bits[(into_block + i) >> 3]];
             for (int j = 0; j < 8; j++) d[i + j] = d[i + j] * ones[j];
         }
-        for (; i < count; i++) {
-            int64_t at = into_block + i;
-            d[i] = d[i] * (float)((bits[at >> 3] >> (at & 7)) & 1);
-        }
+        for (; i < count; i++) d[i] = d[i] * bit_as_float(bits, into_block + i);
         break;
     }
     case TRIM_KEEP_ALL:
