@@ -35,7 +35,7 @@ setup(
         Extension(
             "mergesmith.native._kernels",
             ["src/mergesmith/native/kernels.c", "src/mergesmith/native/whole.c"],
-            depends=["src/mergesmith/native/convert.h"],
+            depends=["src/mergesmith/native/convert.h", "src/mergesmith/native/exact_sum.h"],
             # No contraction into fused multiply-adds: the kernels round exactly as the torch code
             # does, and fuse only where they say so (fmaf).
             extra_compile_args=[

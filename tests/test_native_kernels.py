@@ -24,6 +24,7 @@ from mergesmith.methods.linear import linear
 from mergesmith.methods.task_arithmetic import merge_task_vectors
 from mergesmith.ops import stream
 from mergesmith.ops.blocks import BLOCK
+from mergesmith.ops.exact_sum import ExactSum
 from mergesmith.ops.select import tie_averaged_ranks
 from tests.conftest import assert_kernels_match_torch_code, write_recipe
 
@@ -429,41 +430,69 @@ def test_della_keep_on_wide_rows(shape, levels, zeros, outlier) -> None:
     assert torch.equal(got, della_keep_by_torch(m, 5, 1000, 0.3, 0.35))
 
 
+def exact_sums(total: native.NativeSum, kept: native.NativeSum) -> tuple[ExactSum, ExactSum]:
+    folded = ExactSum(), ExactSum()
+    total.add_to(folded[0])
+    kept.add_to(folded[1])
+    return folded
+
+
+def torch_sums(magnitude: torch.Tensor, keep: torch.Tensor) -> tuple[ExactSum, ExactSum]:
+    """The two norms of the torch steps the fused passes replace, summed by the torch code."""
+    total, kept = ExactSum(), ExactSum()
+    total.add(magnitude)
+    kept.add(magnitude * keep)
+    return total, kept
+
+
+def spread_exponents(model: torch.Tensor, base: torch.Tensor, seed: int) -> torch.Tensor:
+    """Deltas of float32 inputs from 1e-30 to 1e3: their sums need the split's later rounds."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.exp(torch.empty(model.numel()).uniform_(-69, 7, generator=g))
+    return (base.float() + torch.randn(model.numel(), generator=g) * scale).to(model.dtype)
+
+
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_stream_magnitudes_matches_its_torch_steps(dtype: torch.dtype) -> None:
-    """DARE's fused measuring pass: |model - base|, the part the stream keeps, and that mask as
-    bits, over a range that starts off a byte and ends inside a byte of its last chunk."""
+@pytest.mark.parametrize("spread", [False, True], ids=["quantized", "spread"])
+def test_stream_measure_matches_its_torch_steps(dtype: torch.dtype, spread: bool) -> None:
+    """DARE's fused measuring pass: the exact norms of |model - base| and of the part the
+    stream keeps, and that mask as bits, over a range that starts off a byte and ends inside a
+    byte of its last chunk. Inf and NaN deltas are counted apart, as the torch code counts the
+    values its product gives."""
     base, models = inputs(5000, dtype, seed=6, quantized=True, k=1)
-    model = models[0].clone()
-    model[20], model[21] = math.inf, math.nan  # `kept` must hold what torch's product gives
+    model = spread_exponents(models[0], base, 3) if spread else models[0].clone()
+    model[20], model[21] = math.inf, math.nan
     start, end = 13, 13 + 2 * 1024 + 1001
     threshold = stream.keep_threshold(0.3)
     packed = torch.full(((end - start + 7) // 8,), 0xAA, dtype=torch.uint8)
-    magnitude, kept = native.stream_magnitudes(base, model, start, end, 99, threshold, packed)
-    expected = torch.sub(model[start:end], base[start:end].float()).abs_()
+    total, kept = native.NativeSum(), native.NativeSum()
+    native.stream_measure(base, model, start, end, 99, threshold, packed, total, kept)
+    magnitude = torch.sub(model[start:end], base[start:end].float()).abs_()
     keep = stream.keep_with_probability(99, start, end - start, 0.3)
     expected_bits = torch.empty_like(packed)
     native.pack_mask(keep, expected_bits)
-    assert torch.equal(bits(magnitude), bits(expected))
-    assert torch.equal(bits(kept), bits(expected * keep))
+    assert exact_sums(total, kept) == torch_sums(magnitude, keep)
     assert torch.equal(packed, expected_bits)
 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_della_measure_matches_its_torch_steps(dtype: torch.dtype) -> None:
-    """The fused measuring pass: |model - base|, the kept part of it, and the mask as bits,
-    each as the torch steps it replaces compute them."""
-    rows, width = 37, 301  # bits of a row straddle bytes
+@pytest.mark.parametrize("spread", [False, True], ids=["quantized", "spread"])
+def test_della_measure_matches_its_torch_steps(dtype: torch.dtype, spread: bool) -> None:
+    """The fused measuring pass: the exact norms of |model - base| and of its kept part, and
+    the mask as bits, each as the torch steps it replaces compute them; rows wider than a
+    split span (1024) and bits of a row straddling bytes."""
+    rows, width = 9, 1301
     base, models = inputs((rows + 2) * width, dtype, seed=9, quantized=True, k=1)
+    model = spread_exponents(models[0], base, 4) if spread else models[0]
     start, end = 2 * width, (rows + 2) * width  # a block after the first two rows
     bits = torch.full(((rows * width + 7) // 8,), 0xAA, dtype=torch.uint8)
-    magnitude, kept = native.della_measure(base, models[0], start, end, width, 21, 0.2, 0.4, bits)
-    expected = torch.sub(models[0][start:], base[start:].float()).abs_()
-    keep = della_keep_by_torch(expected.reshape(rows, width), 21, start, 0.2, 0.4)
+    total, kept = native.NativeSum(), native.NativeSum()
+    native.della_measure(base, model, start, end, width, 21, 0.2, 0.4, bits, total, kept)
+    magnitude = torch.sub(model[start:], base[start:].float()).abs_()
+    keep = della_keep_by_torch(magnitude.reshape(rows, width), 21, start, 0.2, 0.4)
     expected_bits = torch.empty_like(bits)
     native.pack_mask(keep, expected_bits)
-    assert torch.equal(magnitude, expected)
-    assert torch.equal(kept, expected * keep)
+    assert exact_sums(total, kept) == torch_sums(magnitude, keep)
     assert torch.equal(bits, expected_bits)

@@ -30,6 +30,7 @@ from mergesmith.ops import float_masks as fm
 from mergesmith.ops import stream
 from mergesmith.ops.blocks import BLOCK, block_ranges
 from mergesmith.ops.consensus import disjoint_merge
+from mergesmith.ops.exact_sum import ExactSum
 from mergesmith.ops.rank_cut import (
     SAMPLE,
     Cut,
@@ -392,7 +393,6 @@ class ModelPlan:
         """L1 norms of the whole and of the kept delta, for `rescale`."""
         if not self.rescale or self.kind is None or self.keep_none:
             return
-        total = kept = 0.0
         if self.kind in _DRAWN_KINDS and native.handles(base, model):
             self.block_bytes = (min(block, n) + 7) // 8  # a small tensor is one short block
             self.drawn_bits = torch.empty(self.block_bytes * -(-n // block), dtype=torch.uint8)
@@ -401,18 +401,26 @@ class ModelPlan:
         fused_della = (
             self.kind == "della_magprune" and self.drawn_bits is not None and shape2d[1] > 1
         )
+        # Exact sums (ops.exact_sum): the factor does not depend on how the work is cut.
+        total, kept = ExactSum(), ExactSum()
+        counted_total, counted_kept = native.NativeSum(), native.NativeSum()
         threshold = stream.keep_threshold(self.density)
         for number, start, end in block_ranges(n, block):
-            # The fused passes hand torch the same float32 values the general way sums.
             if fused_dare:
-                magnitude, survivors = native.stream_magnitudes(
-                    base, model, start, end, self.seed, threshold, self._drawn_block(number)
+                native.stream_measure(
+                    base,
+                    model,
+                    start,
+                    end,
+                    self.seed,
+                    threshold,
+                    self._drawn_block(number),
+                    counted_total,
+                    counted_kept,
                 )
-                total += float(magnitude.sum())
-                kept += float(survivors.sum())
                 continue
             if fused_della:
-                magnitude, survivors = native.della_measure(
+                native.della_measure(
                     base,
                     model,
                     start,
@@ -422,22 +430,24 @@ class ModelPlan:
                     2 * self.epsilon,
                     self.density - self.epsilon,
                     self._drawn_block(number),
+                    counted_total,
+                    counted_kept,
                 )
-                total += float(magnitude.sum())
-                kept += float(survivors.sum())
                 continue
             d = torch.sub(model[start:end], base[start:end].float())
-            total += float(d.abs().sum())
+            total.add(d.abs())
             if self.drawn_bits is not None:
                 # What sparsify does for these kinds (the factor is still 1), keeping the mask.
                 keep = self.keep(d, start, shape2d)
                 assert keep is not None
                 native.pack_mask(keep, self._drawn_block(number))
-                kept += float(d.mul_(keep).abs_().sum())
+                kept.add(d.mul_(keep).abs_())
             else:
-                kept += float(self.sparsify(d, start, shape2d).abs_().sum())
-        if total >= RESCALE_EPS and kept >= RESCALE_EPS:
-            self.factor = total / kept
+                kept.add(self.sparsify(d, start, shape2d).abs_())
+        counted_total.add_to(total)
+        counted_kept.add_to(kept)
+        if total.value() >= RESCALE_EPS and kept.value() >= RESCALE_EPS:
+            self.factor = total.ratio(kept)
 
     def keep(
         self, delta: torch.Tensor, start: int, shape2d: tuple[int, int]

@@ -18,8 +18,10 @@ from functools import cache
 import torch
 
 from mergesmith.native.status import kernel_status
+from mergesmith.ops.exact_sum import UNIT_EXPONENT, ExactSum
 
 _DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+EXACT_BINS, EXACT_LOW = 288, -201  # as in exact_sum.h
 
 TRIM_KEEP_ALL, TRIM_TIMES_ZERO, TRIM_SHRINK, TRIM_MASK = range(4)
 TRIM_GIVEN, TRIM_GIVEN_BITS, TRIM_RANDOM = range(4, 7)
@@ -54,6 +56,26 @@ class Trim(ctypes.Structure):
         ("stream_key", ctypes.c_uint64),
         ("threshold", ctypes.c_int64),
     ]
+
+
+class NativeSum(ctypes.Structure):
+    """An exact sum being counted by the kernels; mirrors `ExactSum` in exact_sum.h."""
+
+    _fields_ = [
+        ("count", (ctypes.c_uint64 * 2) * EXACT_BINS),
+        ("infinities", ctypes.c_int64),
+        ("nans", ctypes.c_int64),
+    ]
+
+    def add_to(self, total: ExactSum) -> None:
+        """Fold the counts into `total`: count b is in units of 2^(b + EXACT_LOW)."""
+        counts = bytes(self.count)  # each a little-endian two's-complement 128-bit integer
+        for b in range(EXACT_BINS):
+            count = int.from_bytes(counts[16 * b : 16 * b + 16], "little", signed=True)
+            if count:
+                total.units += count << (b + EXACT_LOW - UNIT_EXPONENT)
+        total.infinities += self.infinities
+        total.nans += self.nans
 
 
 class KernelError(RuntimeError):
@@ -100,10 +122,12 @@ def _load() -> ctypes.CDLL | None:
     lib.ms_sample_keys.restype = None
     lib.ms_stream_keep.argtypes = [ctypes.c_uint64, i64, i64, i64, p, p]
     lib.ms_stream_keep.restype = None
-    lib.ms_stream_magnitudes.argtypes = [
+    lib.ms_stream_measure.argtypes = [
         p, i32, p, i32, i64, i64, ctypes.c_uint64, i64, p, p, p,
     ]  # fmt: skip
-    lib.ms_stream_magnitudes.restype = None
+    lib.ms_stream_measure.restype = None
+    lib.ms_exact_sum.argtypes = [p, i64, p]
+    lib.ms_exact_sum.restype = None
     lib.ms_della_keep.argtypes = [p, i64, i64, ctypes.c_uint64, i64, f32, f32, p]
     lib.ms_della_keep.restype = ctypes.c_int
     lib.ms_della_measure.argtypes = [
@@ -309,7 +333,7 @@ def stream_keep(
     return keep
 
 
-def stream_magnitudes(
+def stream_measure(
     base: torch.Tensor,
     model: torch.Tensor,
     start: int,
@@ -317,14 +341,14 @@ def stream_magnitudes(
     key: int,
     threshold: int,
     bits: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """|model - base| over [start, end) of the flat inputs as float32, the same with the
-    entries that ops.stream drops (draw >= threshold) zeroed, and that keep mask packed into
-    `bits` (uint8, as pack_mask packs it)."""
+    total: NativeSum,
+    kept: NativeSum,
+) -> None:
+    """DARE's measuring pass over [start, end) of the flat inputs: adds |model - base| (float32)
+    to `total` and the same with the entries ops.stream drops (draw >= threshold) zeroed to
+    `kept`, exactly, and packs that keep mask into `bits` (uint8, as pack_mask packs it)."""
     assert bits.dtype == torch.uint8 and bits.numel() >= (end - start + 7) // 8
-    magnitude = torch.empty(end - start, dtype=torch.float32)
-    kept = torch.empty(end - start, dtype=torch.float32)
-    _loaded().ms_stream_magnitudes(
+    _loaded().ms_stream_measure(
         base.data_ptr(),
         _DTYPES[base.dtype],
         model.data_ptr(),
@@ -333,11 +357,21 @@ def stream_magnitudes(
         end - start,
         key,
         threshold,
-        magnitude.data_ptr(),
-        kept.data_ptr(),
+        ctypes.byref(total),
+        ctypes.byref(kept),
         bits.data_ptr(),
     )
-    return magnitude, kept
+
+
+def exact_sum(values: torch.Tensor) -> ExactSum:
+    """The exact sum of float32 values on the CPU, counted by the kernels' general rounds."""
+    values = values.reshape(-1).contiguous()
+    assert values.dtype == torch.float32 and values.device.type == "cpu"
+    counts = NativeSum()
+    _loaded().ms_exact_sum(values.data_ptr(), values.numel(), ctypes.byref(counts))
+    total = ExactSum()
+    counts.add_to(total)
+    return total
 
 
 def della_keep(
@@ -366,14 +400,15 @@ def della_measure(
     scale: float,
     offset: float,
     bits: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
+    total: NativeSum,
+    kept: NativeSum,
+) -> None:
     """DELLA's measuring pass over the rows [start, end) of flat inputs (`width` > 1 entries
-    each): |model - base| as float32, the same with the entries della_keep drops zeroed, and
-    that keep mask packed into `bits` (uint8, as pack_mask packs it)."""
+    each): adds |model - base| (float32) to `total` and the same with the entries della_keep
+    drops zeroed to `kept`, exactly, and packs that keep mask into `bits` (uint8, as pack_mask
+    packs it)."""
     assert 1 < width < 1 << 31 and (end - start) % width == 0
     assert bits.dtype == torch.uint8 and bits.numel() >= (end - start + 7) // 8
-    magnitude = torch.empty(end - start, dtype=torch.float32)
-    kept = torch.empty(end - start, dtype=torch.float32)
     failed = _loaded().ms_della_measure(
         base.data_ptr(),
         _DTYPES[base.dtype],
@@ -385,13 +420,12 @@ def della_measure(
         key,
         scale,
         offset,
-        magnitude.data_ptr(),
-        kept.data_ptr(),
+        ctypes.byref(total),
+        ctypes.byref(kept),
         bits.data_ptr(),
     )
     if failed:
         raise KernelError("no memory for the kernel's scratch buffers")
-    return magnitude, kept
 
 
 def pack_mask(keep: torch.Tensor, into: torch.Tensor) -> None:

@@ -18,12 +18,13 @@
 #include <string.h>
 
 /* Bumped whenever a signature or a struct below changes; the loader refuses a stale build. */
-#define MS_ABI 9
+#define MS_ABI 10
 
 /* Elements converted per step: the float32 scratch of every input stays in L1/L2. */
 #define CHUNK 1024
 
 #include "convert.h"
+#include "exact_sum.h"
 
 /* torch.sign on float32: NaN gives 0. */
 static inline float sign_of(float x) { return x > 0.0f ? 1.0f : (x < 0.0f ? -1.0f : 0.0f); }
@@ -623,15 +624,15 @@ KERNEL int ms_della_keep(const float *magnitude, int64_t rows, int64_t width, ui
 }
 
 /* DELLA's `rescale` measuring pass over `rows` rows of `width` > 1 entries of flat inputs from
- * `start`: the magnitudes |model - base| (float32), the same times the keep mask, for torch to
- * sum exactly as the torch code sums them, and the mask as bits (entry i of the block is bit
- * i % 8 of byte i / 8, as TRIM_GIVEN_BITS reads them). One pass instead of the torch code's
- * conversion, subtraction, two absolute values, product and packing. Returns 0, or -1 when
- * scratch memory cannot be had. */
+ * `start`: adds the magnitudes |model - base| (float32) to `all` and the same times the keep
+ * mask to `kept`, exactly (exact_sum.h), and writes the mask as bits (entry i of the block is
+ * bit i % 8 of byte i / 8, as TRIM_GIVEN_BITS reads them). One pass instead of the torch code's
+ * conversion, subtraction, two absolute values, product, sums and packing. Returns 0, or -1
+ * when scratch memory cannot be had. */
 KERNEL int ms_della_measure(const void *base, int32_t base_dtype, const void *model,
                             int32_t model_dtype, int64_t start, int64_t rows, int64_t width,
-                            uint64_t key, float scale, float offset, float *magnitude,
-                            float *kept, uint8_t *bits) {
+                            uint64_t key, float scale, float offset, ExactSum *all,
+                            ExactSum *kept, uint8_t *bits) {
     DellaScratch s;
     if (della_scratch(&s, width)) return -1;
     float *row = malloc(sizeof(float) * (size_t)width * 2);
@@ -643,12 +644,19 @@ KERNEL int ms_della_measure(const void *base, int32_t base_dtype, const void *mo
     memset(bits, 0, (size_t)((rows * width + 7) / 8));
     for (int64_t r = 0; r < rows; r++) {
         const int64_t at = r * width;
-        float *m = magnitude + at;
-        load_f32(base, base_dtype, start + at, width, row);
-        load_f32(model, model_dtype, start + at, width, m);
-        for (int64_t i = 0; i < width; i++) m[i] = fabsf(m[i] - row[i]);
-        della_row(&s, m, key, start + at, scale, offset, k);
-        for (int64_t i = 0; i < width; i++) kept[at + i] = m[i] * k[i];
+        float b[CHUNK];
+        /* The magnitudes replace the model's values in `row`, a chunk at a time. */
+        for (int64_t c = 0; c < width; c += CHUNK) {
+            const int64_t n = width - c < CHUNK ? width - c : CHUNK;
+            load_f32(base, base_dtype, start + at + c, n, b);
+            load_f32(model, model_dtype, start + at + c, n, row + c);
+            for (int64_t i = 0; i < n; i++) row[c + i] = fabsf(row[c + i] - b[i]);
+        }
+        della_row(&s, row, key, start + at, scale, offset, k);
+        for (int64_t c = 0; c < width; c += EXACT_SPAN) {
+            const int64_t n = width - c < EXACT_SPAN ? width - c : EXACT_SPAN;
+            exact_add_pair(all, kept, row + c, k + c, n);
+        }
         /* Bits gathered a byte at a time in a register: or-ing each into memory would chain
          * eight dependent stores per byte. A row's first and last bytes may be shared with
          * its neighbours. */
@@ -669,32 +677,38 @@ KERNEL int ms_della_measure(const void *base, int32_t base_dtype, const void *mo
 }
 
 /* DARE's rescale measures two L1 norms per block: of delta = model - base, and of what the
- * stream keeps of it. This writes both vectors of magnitudes (|delta|, and |delta| * keep) in
- * one pass, for torch to sum exactly as the torch code sums them, and the keep mask as bits
- * (entry i of the block is bit i % 8 of byte i / 8, as TRIM_GIVEN_BITS reads them): the
- * combining pass reads those back instead of drawing again, which costs several times more. */
-KERNEL void ms_stream_magnitudes(const void *base, int32_t base_dtype, const void *model,
-                                 int32_t model_dtype, int64_t start, int64_t count, uint64_t key,
-                                 int64_t threshold, float *magnitude, float *kept,
-                                 uint8_t *bits) {
-    float b[CHUNK];
+ * stream keeps of it. This adds both to `all` and `kept` exactly (exact_sum.h) in one pass, and
+ * writes the keep mask as bits (entry i of the block is bit i % 8 of byte i / 8, as
+ * TRIM_GIVEN_BITS reads them): the combining pass reads those back instead of drawing again,
+ * which costs several times more. */
+KERNEL void ms_stream_measure(const void *base, int32_t base_dtype, const void *model,
+                              int32_t model_dtype, int64_t start, int64_t count, uint64_t key,
+                              int64_t threshold, ExactSum *all, ExactSum *kept, uint8_t *bits) {
+    float b[CHUNK], d[CHUNK], ones[CHUNK];
     uint8_t keep[CHUNK];
     for (int64_t at = 0; at < count; at += CHUNK) {
         int64_t n = count - at < CHUNK ? count - at : CHUNK;
-        float *d = magnitude + at;
         load_f32(base, base_dtype, start + at, n, b);
         load_f32(model, model_dtype, start + at, n, d);
         for (int64_t i = 0; i < n; i++)
             keep[i] = (uint8_t)((int64_t)draw24(key, (uint64_t)(start + at + i)) < threshold);
         for (int64_t i = 0; i < n; i++) {
             d[i] = fabsf(d[i] - b[i]);
-            kept[at + i] = d[i] * (float)keep[i];
+            ones[i] = (float)keep[i];
         }
+        exact_add_pair(all, kept, d, ones, n);
         /* CHUNK is a multiple of 8, so each chunk starts on a byte; the last may end inside
          * one, whose missing entries count as dropped. */
         for (int64_t i = n; i < CHUNK && (i & 7) != 0; i++) keep[i] = 0;
         for (int64_t i = 0; i < n; i += 8) bits[(at + i) >> 3] = gather_bits(keep + i);
     }
+}
+
+/* Adds x[0..n) to `all` exactly (exact_sum.h) through the general rounds alone, without the
+ * fused passes' shortcut: the tests hold its counts to Python's math.fsum. */
+KERNEL void ms_exact_sum(const float *x, int64_t n, ExactSum *all) {
+    for (int64_t at = 0; at < n; at += EXACT_SPAN)
+        exact_add_slowly(all, x + at, n - at < EXACT_SPAN ? n - at : EXACT_SPAN);
 }
 
 int ms_abi(void) { return MS_ABI; }

@@ -12,7 +12,7 @@ import importlib.util
 import os
 from dataclasses import dataclass
 
-ABI = 9  # must match MS_ABI in kernels.c
+ABI = 10  # must match MS_ABI in kernels.c
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ import math
 import torch
 
 from mergesmith.ops import stream
+from mergesmith.ops.exact_sum import ExactSum
 from mergesmith.ops.select import rank_window_mask, tie_averaged_ranks, top_k_mask
 
 # Below this an L1 norm is treated as zero and rescaling is skipped (mergekit's tolerance).
@@ -18,12 +19,14 @@ RESCALE_EPS = 1e-7
 
 
 def rescale_l1(delta: torch.Tensor, kept: torch.Tensor) -> torch.Tensor:
-    """Scale `kept` so its L1 norm equals that of `delta`."""
-    before = delta.abs().sum()
-    after = kept.abs().sum()
-    if before < RESCALE_EPS or after < RESCALE_EPS:
+    """Scale `kept` so its L1 norm equals that of `delta`: by the ratio of the exact norms,
+    rounded once to a double (then to float32, as torch multiplies a float32 tensor)."""
+    before, after = ExactSum(), ExactSum()
+    before.add(delta.abs())
+    after.add(kept.abs())
+    if not (before.value() >= RESCALE_EPS and after.value() >= RESCALE_EPS):
         return kept
-    return kept * (before / after)
+    return kept * before.ratio(after)
 
 
 def _finish(delta: torch.Tensor, keep: torch.Tensor, rescale: bool) -> torch.Tensor:
