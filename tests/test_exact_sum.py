@@ -110,3 +110,9 @@ def test_ratio_rounds_once() -> None:
     assert torch_sum(a).ratio(torch_sum(b)) == float(exact)  # Fraction rounds correctly
     nonfinite = torch_sum(torch.tensor([math.inf]))
     assert math.isnan(nonfinite.ratio(nonfinite))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16_bit_values_are_widened_exactly(dtype: torch.dtype) -> None:
+    x = hostile(3000, 7).clamp(-100, 100).to(dtype)
+    assert torch_sum(x).value() == fsum(x)

@@ -37,9 +37,13 @@ class ExactSum:
     nans: int = 0
 
     def add(self, values: torch.Tensor) -> None:
-        """Add float32 values, on any device: each value's significand is added to a count
-        for its exponent (integer adds, so their order changes nothing)."""
-        flat = values.detach().reshape(-1).contiguous()
+        """Add float32 values (or 16-bit ones, widened exactly), on any device: each value's
+        significand is added to a count for its exponent (integer adds, so their order changes
+        nothing)."""
+        flat = values.detach().reshape(-1)
+        if flat.dtype in (torch.float16, torch.bfloat16):
+            flat = flat.float()
+        flat = flat.contiguous()
         assert flat.dtype == torch.float32 and flat.numel() < MAX_VALUES_PER_ADD
         bits = flat.view(torch.int32).to(torch.int64)
         exponent = torch.bitwise_right_shift(bits, 23).bitwise_and_(0xFF)
