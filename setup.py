@@ -5,12 +5,25 @@ build stops the install with its reason instead of passing unnoticed. MERGESMITH
 installs without them (the torch code runs; `mergesmith --version` says so).
 """
 
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 SKIP = os.environ.get("MERGESMITH_NO_KERNELS", "").strip() not in ("", "0")
+NATIVE = Path("src/mergesmith/native")
+
+
+def kernel_source_hash() -> str:
+    """native.status.source_hash of the sources built here: the loader compares the two."""
+    spec = importlib.util.spec_from_file_location("kernel_status", NATIVE / "status.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # for its dataclass
+    spec.loader.exec_module(module)
+    return module.source_hash(NATIVE)
 
 
 class BuildKernels(build_ext):
@@ -36,6 +49,7 @@ setup(
             "mergesmith.native._kernels",
             ["src/mergesmith/native/kernels.c", "src/mergesmith/native/whole.c"],
             depends=["src/mergesmith/native/convert.h", "src/mergesmith/native/exact_sum.h"],
+            define_macros=[("MS_SOURCE_HASH", f'"{kernel_source_hash()}"')],
             # No contraction into fused multiply-adds: the kernels round exactly as the torch code
             # does, and fuse only where they say so (fmaf).
             extra_compile_args=[

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from mergesmith.native.status import ABI
+from mergesmith.native.status import ABI, source_hash
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -62,6 +62,27 @@ def test_version_says_when_the_kernels_are_stale(package_copy: Path) -> None:
     subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
     line = version_line({"PYTHONPATH": str(package_copy)})
     assert "C kernels stale" in line and "version 3" in line and f"expects {ABI}" in line
+
+
+@pytest.mark.skipif(shutil.which("cc") is None, reason="no C compiler")
+@pytest.mark.parametrize("built_from", ["0123456789abcdef", None], ids=["other", "unsaid"])
+def test_version_says_when_the_kernels_are_built_from_other_sources(
+    package_copy: Path, built_from: str | None
+) -> None:
+    """The ABI matches, but the library was built from other sources (an editable install
+    after a pull that changed kernels.c), or does not say what it was built from: stale too,
+    or it would compute what the old sources said."""
+    source = package_copy / "other.c"
+    said = f'const char *ms_source_hash(void) {{ return "{built_from}"; }}\n'
+    source.write_text(f"int ms_abi(void) {{ return {ABI}; }}\n" + (said if built_from else ""))
+    library = (
+        package_copy / "mergesmith" / "native" / f"_kernels{sysconfig.get_config_var('EXT_SUFFIX')}"
+    )
+    subprocess.run(["cc", "-shared", "-fPIC", "-o", str(library), str(source)], check=True)
+    line = version_line({"PYTHONPATH": str(package_copy)})
+    expected = source_hash(package_copy / "mergesmith" / "native")
+    assert "C kernels stale" in line and "other kernel sources" in line
+    assert f"({built_from or 'unknown'}) than these ({expected})" in line
 
 
 def build_kernels(tmp_path: Path, env: dict[str, str]) -> subprocess.CompletedProcess:

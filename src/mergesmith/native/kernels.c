@@ -18,7 +18,7 @@
 #include <string.h>
 
 /* Bumped whenever a signature or a struct below changes; the loader refuses a stale build. */
-#define MS_ABI 10
+#define MS_ABI 11
 
 /* Elements converted per step: the float32 scratch of every input stays in L1/L2. */
 #define CHUNK 1024
@@ -712,6 +712,12 @@ KERNEL void ms_exact_sum(const float *x, int64_t n, ExactSum *all) {
 }
 
 int ms_abi(void) { return MS_ABI; }
+
+/* setup.py defines it as native.status.source_hash of the sources it compiles. */
+#ifndef MS_SOURCE_HASH
+#define MS_SOURCE_HASH "unknown"
+#endif
+const char *ms_source_hash(void) { return MS_SOURCE_HASH; }
 
 int ms_has_f16(void) { return MS_HAVE_F16; }
 

@@ -8,11 +8,25 @@ missing or stale build must be visible rather than silent. This module imports n
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import importlib.util
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
-ABI = 10  # must match MS_ABI in kernels.c
+ABI = 11  # must match MS_ABI in kernels.c
+
+
+def source_hash(folder: Path) -> str | None:
+    """A digest of the kernel sources in `folder` (its .c and .h files), which setup.py builds
+    into the library; None where there are none (a wheel ships the library alone)."""
+    files = sorted([*folder.glob("*.c"), *folder.glob("*.h")], key=lambda path: path.name)
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:16]
 
 
 @dataclass(frozen=True)
@@ -50,6 +64,21 @@ def kernel_status() -> KernelStatus:
         return KernelStatus(
             "stale",
             f"built from kernels.c version {built}, the code expects {ABI}: reinstall "
+            "(pip install -e .) to rebuild them",
+            spec.origin,
+        )
+    # An editable install keeps its library when a pull or an edit changes kernels.c without
+    # changing the ABI: that library would compute what the old sources said.
+    sources = source_hash(Path(spec.origin).parent)
+    try:
+        lib.ms_source_hash.restype = ctypes.c_char_p
+        built_from = lib.ms_source_hash().decode()
+    except AttributeError:  # built before libraries said what they were built from
+        built_from = "unknown"
+    if sources is not None and built_from != sources:
+        return KernelStatus(
+            "stale",
+            f"built from other kernel sources ({built_from}) than these ({sources}): reinstall "
             "(pip install -e .) to rebuild them",
             spec.origin,
         )
