@@ -22,14 +22,14 @@
  */
 
 #define EXACT_SPAN 1024
+#define EXACT_BINS 288
+#define EXACT_LOW (-201) /* count b is in units of 2^(b + EXACT_LOW) */
 
 typedef double v4d __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 typedef int64_t v4l __attribute__((vector_size(32)));
-#define EXACT_BINS 288
-#define EXACT_LOW (-201) /* count b is in units of 2^(b + EXACT_LOW) */
 
-/* Mirrors ctypes.Structure `ExactSum` in native/__init__.py. */
+/* Mirrors ctypes.Structure `NativeSum` in native/__init__.py. */
 typedef struct {
     uint64_t count[EXACT_BINS][2]; /* low and high words of a two's-complement 128-bit count */
     int64_t infinities, nans;      /* values summed that were +-inf, NaN */

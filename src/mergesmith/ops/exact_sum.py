@@ -1,10 +1,10 @@
 """Exact sums of float32 values: the L1 norms behind `rescale`.
 
 A float32 sum rounds after every addition, so its last bits depend on the order of the
-additions, and torch picks that order per CPU instruction set (its AVX2 and AVX-512 kernels
-differ) and per device. Summed exactly, the two norms, and the rescale factor (their ratio,
-rounded once to a double), are the same whatever the machine, device, block size or thread
-count, and whether the C kernels or the torch code ran.
+additions, and torch picks that order per CPU instruction set (its generic and AVX2 kernels
+sum some blocks differently) and per device. Summed exactly, the two norms, and the rescale
+factor (their ratio, rounded once to a double), are the same whatever the machine, device,
+block size or thread count, and whether the C kernels or the torch code ran.
 
 Every float32 is a whole number of units of 2^-149, so the exact sum is an integer: it is kept
 here in units of 2^-201, the unit the C kernels' 128-bit counts use (native/exact_sum.h).
