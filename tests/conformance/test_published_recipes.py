@@ -1,6 +1,6 @@
 """Published mergekit recipes, run unchanged through mergekit 0.1.5 and through mergesmith.
 
-tests/recipes/published/ holds 57 recipes copied verbatim from model cards and repositories
+tests/recipes/published/ holds 65 recipes copied verbatim from model cards and repositories
 (its README.md lists where each comes from and what is odd about it). Each one is run by both
 tools with local stand-ins for the hub models it names, and the outcomes are compared:
 
@@ -330,6 +330,14 @@ EXPECTED: dict[str, Expect] = {
     "055_1parammyl-8b-model-stock-slices": Expect(MATCH, _F32, float32=True),
     "056_athena-apollo-model-stock-name-tokenizer-base": Expect(MATCH, _F32, float32=True),
     "057_huatuo-o1-model-stock-seven-loras": Expect(MATCH, _F32, float32=True),
+    "058_absa-nearswap-base-among-models": Expect(MATCH, _F32, float32=True),
+    "059_absa-arcee-fusion-base-among-models": Expect(MATCH, _F32, float32=True),
+    "060_absa-nuslerp-no-base-commented-blocks": Expect(MATCH, _F32, float32=True),
+    "061_absa-sce-two-models-topk-025": Expect(MATCH, _F32, float32=True),
+    "062_shisa-llama33-70b-nuslerp-base-flatten-rowwise": Expect(MATCH, _F32, float32=True),
+    "063_shisa-unphi4-model-stock-filter-wise-false": Expect(MATCH, _F32, float32=True),
+    "064_abyssal-seraph-stage1-nearswap-name-tokenizer": Expect(MATCH, _F32, float32=True),
+    "065_velvet-orchid-stage1-karcher-union-1e-10": Expect(MATCH, _F32, float32=True),
 }
 
 # Recipes this suite does not give to mergekit, and why.
