@@ -255,6 +255,7 @@ def merge(
                     run_on_ray(ray_run, todo, progress_log.record, on_done=counter.job_done)
                 else:
                     run_jobs(plan, sources, write, options, jobs=todo, on_done=counter.job_done)
+                writer.wait()
             finally:
                 writer.close()
                 progress_log.close()

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mergesmith.errors import MergeError
+from mergesmith.output.direct import DirectWrites, aligned_middle
 from mergesmith.output.layout import OutputLayout
 
 if TYPE_CHECKING:
@@ -40,21 +41,25 @@ _SYNC_FILE_RANGE = _sync_file_range()
 
 class TensorWriter:
     """Creates every shard at its full size up front (so a full disk fails before any work),
-    then places each finished tensor with pwrite: nothing is held back in memory."""
+    then places each finished tensor with pwrite: its bytes are copied out (into the page cache,
+    or for a large tensor's aligned middle into a staging buffer on its way to the disk, see
+    output.direct) before `write` returns, so nothing waits in memory for its turn."""
 
     def __init__(self, folder: Path, layout: OutputLayout, keep_existing: bool = False) -> None:
         """`keep_existing`: reopen shards of an interrupted attempt without clearing them."""
         self.folder = folder
         self.layout = layout
         self._fds: list[int] = []
+        self._direct: DirectWrites | None = None
         try:
-            for shard in layout.shards:
-                path = folder / shard.file_name
+            paths = [folder / shard.file_name for shard in layout.shards]
+            for shard, path in zip(layout.shards, paths, strict=True):
                 flags = os.O_RDWR | os.O_CREAT | (0 if keep_existing else os.O_TRUNC)
                 fd = os.open(path, flags, 0o644)
                 self._fds.append(fd)
                 _reserve(fd, shard.size, path)
                 _write_all(fd, shard.header, 0, path)
+            self._direct = DirectWrites(paths, self._fds, _write_all)
         except BaseException:
             self.close()
             raise
@@ -66,21 +71,35 @@ class TensorWriter:
         if data.nbytes != place.length:
             raise RuntimeError(f"{name}: {data.nbytes} bytes computed, {place.length} planned")
         path = self.folder / self.layout.shards[place.shard].file_name
-        _write_all(self._fds[place.shard], data, place.offset, path)
+        fd = self._fds[place.shard]
+        start, size = aligned_middle(place.offset, place.length)
+        assert self._direct is not None, "write after close"
+        if self._direct.takes(place.shard, size):
+            # The unaligned ends through the page cache, the middle around it (output.direct).
+            _write_all(fd, data[:start], place.offset, path)
+            _write_all(fd, data[start + size :], place.offset + start + size, path)
+            self._direct.put(place.shard, data[start : start + size], place.offset + start)
+            return zlib.crc32(data)
+        _write_all(fd, data, place.offset, path)
         if _SYNC_FILE_RANGE is not None:
             # Dirty pages are otherwise flushed only past the kernel's dirty threshold (10% of
             # RAM), so a merge would compute, then wait for the whole output at the final fsync;
             # started now, writing the disk overlaps computing the next tensors.
-            _SYNC_FILE_RANGE(
-                self._fds[place.shard], place.offset, place.length, SYNC_FILE_RANGE_WRITE
-            )
+            _SYNC_FILE_RANGE(fd, place.offset, place.length, SYNC_FILE_RANGE_WRITE)
         return zlib.crc32(data)
 
-    def sync(self) -> None:
-        for fd in self._fds:
-            os.fsync(fd)
+    def wait(self) -> None:
+        """Return once every tensor handed to `write` is in its shard (not yet fsynced); raise
+        the first error any of those writes met."""
+        if self._direct is not None:
+            self._direct.wait()
 
     def close(self) -> None:
+        """Finish the writes under way, then close the shards; call `wait` first to learn of
+        errors."""
+        direct, self._direct = self._direct, None
+        if direct is not None:
+            direct.close()
         fds, self._fds = self._fds, []
         for fd in fds:
             os.close(fd)
