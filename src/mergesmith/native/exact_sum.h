@@ -26,7 +26,6 @@
 #define EXACT_LOW (-201) /* count b is in units of 2^(b + EXACT_LOW) */
 
 typedef double v4d __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
 typedef int64_t v4l __attribute__((vector_size(32)));
 
 /* Mirrors ctypes.Structure `NativeSum` in native/__init__.py. */
@@ -112,17 +111,17 @@ HELPER void exact_add_pair(ExactSum *all, ExactSum *kept, const float *x, const 
     v4l rounded = {0, 0, 0, 0}; /* lanes that had a remainder */
     int64_t i = 0;
     for (; i + 8 <= n; i += 8) {
-        v4f xs, ks, xs2, ks2;
-        memcpy(&xs, x + i, sizeof xs);
-        memcpy(&ks, keep + i, sizeof ks);
-        memcpy(&xs2, x + i + 4, sizeof xs2);
-        memcpy(&ks2, keep + i + 4, sizeof ks2);
-        const v4d v = __builtin_convertvector(xs, v4d), v2 = __builtin_convertvector(xs2, v4d);
+        /* Built lane by lane, which gcc turns into one widening load a vector; a float
+         * vector converted with __builtin_convertvector became two-lane pieces. */
+        const v4d v = {x[i], x[i + 1], x[i + 2], x[i + 3]};
+        const v4d v2 = {x[i + 4], x[i + 5], x[i + 6], x[i + 7]};
+        const v4d ks = {keep[i], keep[i + 1], keep[i + 2], keep[i + 3]};
+        const v4d ks2 = {keep[i + 4], keep[i + 5], keep[i + 6], keep[i + 7]};
         const v4d h = (v + split) - split, h2 = (v2 + split) - split;
         a += h;
         a2 += h2;
-        k += h * __builtin_convertvector(ks, v4d);
-        k2 += h2 * __builtin_convertvector(ks2, v4d);
+        k += h * ks;
+        k2 += h2 * ks2;
         rounded |= (v != h) | (v2 != h2);
     }
     a += a2;
