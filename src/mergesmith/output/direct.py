@@ -15,7 +15,8 @@ before, so no block is ever written both ways. The middle is copied into one of 
 page-aligned staging buffers, and a thread of its own writes them out: the caller only waits
 when every buffer is still in flight, so the disk writes overlap computing the next tensors,
 and the tensor can be freed as soon as `put` returns. Where the file system refuses O_DIRECT
-(tmpfs, say), at open or at the first write, everything goes through the page cache.
+(some network and FUSE file systems; tmpfs before Linux 6.6), at open or at the first write,
+everything goes through the page cache.
 """
 
 from __future__ import annotations
