@@ -78,9 +78,9 @@ static inline uint32_t draw24(uint64_t key, uint64_t index) {
     return (uint32_t)(z >> 40);
 }
 
-/* Entry j of row b is bit j of b, as 0.0f or 1.0f. Filled when the library is loaded. */
 typedef float v8f __attribute__((vector_size(32)));
 
+/* Entry j of row b is bit j of b, as 0.0f or 1.0f. Filled when the library is loaded. */
 static float byte_as_floats[256][8];
 
 __attribute__((constructor)) static void fill_byte_as_floats(void) {
@@ -160,8 +160,8 @@ HELPER void trim_chunk(Trim *t, float *restrict d, int64_t count, int64_t into_b
         for (; i < count && ((into_block + i) & 7) != 0; i++)
             d[i] = d[i] * bit_as_float(bits, into_block + i);
         for (; i + 8 <= count; i += 8) {
-            /* In a vector type: written as a loop of eight, gcc multiplied one float at a
-             * time (it could not tell that the table row and d do not overlap). */
+            /* In a vector type: written as a loop of eight, gcc compiled eight scalar
+             * multiplies. */
             v8f x, ones;
             memcpy(&x, d + i, sizeof x);
             memcpy(&ones, byte_as_floats[bits[(into_block + i) >> 3]], sizeof ones);

@@ -79,13 +79,13 @@ class TensorWriter:
             _write_all(fd, data[:start], place.offset, path)
             _write_all(fd, data[start + size :], place.offset + start + size, path)
             self._direct.put(place.shard, data[start : start + size], place.offset + start)
-            return zlib.crc32(data)
-        _write_all(fd, data, place.offset, path)
-        if _SYNC_FILE_RANGE is not None:
-            # Dirty pages are otherwise flushed only past the kernel's dirty threshold (10% of
-            # RAM), so a merge would compute, then wait for the whole output at the final fsync;
-            # started now, writing the disk overlaps computing the next tensors.
-            _SYNC_FILE_RANGE(fd, place.offset, place.length, SYNC_FILE_RANGE_WRITE)
+        else:
+            _write_all(fd, data, place.offset, path)
+            if _SYNC_FILE_RANGE is not None:
+                # Dirty pages are otherwise flushed only past the kernel's dirty threshold (10%
+                # of RAM), so a merge would compute, then wait for the whole output at the final
+                # fsync; started now, writing the disk overlaps computing the next tensors.
+                _SYNC_FILE_RANGE(fd, place.offset, place.length, SYNC_FILE_RANGE_WRITE)
         return zlib.crc32(data)
 
     def wait(self) -> None:
