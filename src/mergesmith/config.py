@@ -6,16 +6,14 @@ misspelled `paramters:` would otherwise produce a different model with no warnin
 
 from __future__ import annotations
 
-import copy
 import difflib
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
-
 from mergesmith.errors import MergeError, MergeErrors
+from mergesmith.schema import CHECK, Fault, check, field_names
 from mergesmith.vocab.chat import chat_template_problem
 from mergesmith.vocab.spec import TokenizerSpec, tokenizer_spec
 from mergesmith.yamlpos import line_of, load_documents_with_positions, load_with_positions
@@ -36,75 +34,77 @@ DTYPE_NAMES = {
 }
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+def _two_ends(value: list[int]) -> str | None:
+    if len(value) != 2:
+        return "layer_range needs two numbers [first, end) like [0, 16]"
+    return None
 
 
-class _SourceYaml(_Strict):
+def _known_dtype(value: str) -> str | None:
+    if value not in DTYPE_NAMES:
+        return f"unknown dtype {value!r}; use one of float32, float16, bfloat16"
+    return None
+
+
+# The recipe's shape, checked strictly by mergesmith.schema (no coercion, no unknown keys).
+@dataclass(frozen=True)
+class _SourceYaml:
     model: str
-    layer_range: list[int]
+    layer_range: list[int] = field(metadata={CHECK: _two_ends})
     parameters: dict[str, Any] | None = None
 
-    @field_validator("layer_range")
-    @classmethod
-    def _two_ends(cls, value: list[int]) -> list[int]:
-        if len(value) != 2:
-            raise ValueError("layer_range needs two numbers [first, end) like [0, 16]")
-        return value
 
-
-class _ModelYaml(_Strict):
+@dataclass(frozen=True)
+class _ModelYaml:
     model: str
     parameters: dict[str, Any] | None = None
 
 
-class _SliceYaml(_Strict):
+@dataclass(frozen=True)
+class _SliceYaml:
     sources: list[_SourceYaml]
     base_model: str | None = None
     parameters: dict[str, Any] | None = None
 
 
-class _ModuleYaml(_Strict):
+@dataclass(frozen=True)
+class _ModuleYaml:
     slices: list[_SliceYaml] | None = None
     models: list[_ModelYaml] | None = None
     parameters: dict[str, Any] | None = None
 
 
-class _TokenYaml(_Strict):
+@dataclass(frozen=True)
+class _TokenYaml:
     # A model name, {kind: model_token, ...} or {kind: zero}: vocab.spec checks the forms.
     source: str | dict[str, Any] | None = None
     force: bool = False
 
 
-class _TokenizerYaml(_Strict):
+@dataclass(frozen=True)
+class _TokenizerYaml:
     source: str = "union"
     tokens: dict[str, _TokenYaml] | None = None
     pad_to_multiple_of: int | None = None
 
 
-class _RecipeYaml(_Strict):
-    name: str | None = None  # a stage of a pipeline: later stages use it as a model
+@dataclass(frozen=True)
+class _RecipeYaml:
     merge_method: str
+    name: str | None = None  # a stage of a pipeline: later stages use it as a model
     base_model: str | None = None
     models: list[_ModelYaml] | None = None
     slices: list[_SliceYaml] | None = None
     modules: dict[str, _ModuleYaml] | None = None
     parameters: dict[str, Any] | None = None
-    dtype: str | None = None
-    out_dtype: str | None = None
+    dtype: str | None = field(default=None, metadata={CHECK: _known_dtype})
+    out_dtype: str | None = field(default=None, metadata={CHECK: _known_dtype})
     tokenizer_source: str | None = None
     tokenizer: _TokenizerYaml | None = None
     chat_template: str | None = None
 
-    @field_validator("dtype", "out_dtype")
-    @classmethod
-    def _known_dtype(cls, value: str | None) -> str | None:
-        if value is not None and value not in DTYPE_NAMES:
-            raise ValueError(f"unknown dtype {value!r}; use one of float32, float16, bfloat16")
-        return value
 
-
-_FIELDS_AT: dict[str, type[BaseModel]] = {
+_FIELDS_AT: dict[str, type] = {
     "": _RecipeYaml,
     "models": _ModelYaml,
     "slices": _SliceYaml,
@@ -368,15 +368,12 @@ def _parse_document(
                     "(merge_method with models: or slices:)",
                 )
 
-    problems: list[MergeError] = []
-    try:
-        raw = _RecipeYaml.model_validate(data)
-    except ValidationError as exc:
-        problems = [_describe(err, where, data) for err in exc.errors()]
-        salvaged = _without_faulty_keys(data, exc)
-        if salvaged is None:
-            raise MergeErrors(problems) from None
-        raw = salvaged
+    # A faulty key is left out of `raw`, so the rest can still be checked (schema.check).
+    checked, faults = check(data, _RecipeYaml)
+    problems = [_describe(fault, where, data) for fault in faults]
+    if checked is None:
+        raise MergeErrors(problems)
+    raw = checked
 
     module_problems = _module_problems(raw, where) if raw.modules is not None else []
     problems += module_problems
@@ -399,7 +396,7 @@ def _parse_document(
             )
     tokenizer, tokenizer_problems = tokenizer_spec(
         raw.tokenizer_source,
-        raw.tokenizer.model_dump(exclude_unset=True) if raw.tokenizer else None,
+        asdict(raw.tokenizer) if raw.tokenizer else None,
         where,
     )
     problems.extend(tokenizer_problems)
@@ -531,49 +528,16 @@ class RecipeProblems(MergeErrors):
         self.partial = partial
 
 
-def _without_faulty_keys(data: Any, error: ValidationError) -> _RecipeYaml | None:
-    """The recipe validated again with each mapping key at fault removed (an unknown key, or an
-    optional value of the wrong type), or None when a fault is not such a key."""
-    data = copy.deepcopy(data)
-    for _ in range(4):
-        for err in error.errors():
-            if err["type"] == "missing" or not _drop_key(data, list(err["loc"])):
-                return None
-        try:
-            return _RecipeYaml.model_validate(data)
-        except ValidationError as again:
-            error = again
-    return None
-
-
-def _drop_key(data: Any, loc: list[Any]) -> bool:
-    """Remove the deepest existing mapping key along `loc` (pydantic adds type names to the
-    locations of union members, which the data does not have)."""
-    parent, key = None, None
-    node = data
-    for part in loc:
-        inside = (isinstance(node, dict) and part in node) or (
-            isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node)
-        )
-        if not inside:
-            break
-        parent, key, node = node, part, node[part]
-    if not isinstance(parent, dict) or (parent is data and key == "merge_method"):
-        return False  # a list item or the method itself: nothing sensible is left to check
-    del parent[key]
-    return True
-
-
-def _describe(err: Any, where: Any, data: Any) -> MergeError:
-    loc = tuple(err["loc"])
+def _describe(fault: Fault, where: Any, data: Any) -> MergeError:
+    loc = fault.path
     dotted = ".".join(str(p) for p in loc) or "(top level)"
-    kind = err["type"]
-    if kind == "extra_forbidden":
+    kind = fault.kind
+    if kind == "unknown_key":
         key = str(loc[-1])
         parent = next((p for p in reversed(loc[:-1]) if isinstance(p, str)), "")
         if loc[:2] == ("tokenizer", "tokens") and len(loc) == 4:
             parent = "tokens"  # loc[2] is the token itself
-        valid = list(_FIELDS_AT.get(parent, _RecipeYaml).model_fields)
+        valid = field_names(_FIELDS_AT.get(parent, _RecipeYaml))
         guess = closest(key, valid)
         hint = f"did you mean '{guess}'?" if guess else f"valid keys here: {', '.join(valid)}"
         return MergeError(f"{where(loc)}: unknown key '{dotted}'", hint)
@@ -588,7 +552,7 @@ def _describe(err: Any, where: Any, data: Any) -> MergeError:
         shown = shown[:57] + "..."
     field = str(next((p for p in reversed(loc) if isinstance(p, str)), ""))
     return MergeError(
-        f"{where(loc)}: '{dotted}' = {shown}: {err['msg']}",
+        f"{where(loc)}: '{dotted}' = {shown}: {fault.message}",
         _TYPE_HINTS.get(field, "see the recipe format in the README (mergekit's YAML)"),
     )
 
@@ -664,7 +628,7 @@ def _hoist_module(
     paths."""
     name, module = next(iter((raw.modules or {}).items()))
     lines.update(_module_lines(lines, name))
-    return raw.model_copy(update={"models": module.models, "slices": module.slices}), module
+    return replace(raw, models=module.models, slices=module.slices), module
 
 
 def _module_lines(
