@@ -16,6 +16,7 @@ import torch
 
 from mergesmith.methods.task_arithmetic import merge_task_vectors
 from mergesmith.ops.blocks import BLOCK
+from mergesmith.ops.rank_cut import CutRequest, find_cuts, sample_positions
 
 
 def spread(members: np.ndarray, need: int) -> np.ndarray:
@@ -133,3 +134,21 @@ def test_continuous_values_across_blocks_match_kthvalue() -> None:
     threshold = torch.kthvalue(delta.abs(), delta.numel() - k + 1).values
     expected = torch.where(delta.abs() >= threshold, delta, 0.0)
     assert torch.equal(trimmed(delta, "magnitude", 0.37), expected)
+
+
+def test_a_sample_that_underestimates_the_bracket_still_gives_the_exact_cut() -> None:
+    # The sampled positions spread over [-1, 1] while every other entry sits within 1e-3 of 0:
+    # judged by the sample, few entries fall inside the bracket around the median, in truth
+    # nearly all do, so the entries collected there outgrow the room estimated for them.
+    n = 3 * BLOCK + 11
+    positions = sample_positions(n)
+    g = torch.Generator().manual_seed(5)
+    keys = (torch.rand(n, generator=g, dtype=torch.float64) * 2e-3 - 1e-3).float()
+    keys[positions] = torch.linspace(-1, 1, positions.numel())
+    k = n // 2
+    request = CutRequest(lambda start, end, _: keys[start:end], keys[positions], [k - 1], [True])
+    find_cuts([request], n, BLOCK, lambda start, end: keys[start:end])
+    (cut,) = request.cuts
+    assert cut is not None
+    assert cut.key == float(torch.kthvalue(keys, k).values)
+    assert cut.tied == int((keys == cut.key).sum())

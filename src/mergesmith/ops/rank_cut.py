@@ -194,7 +194,10 @@ def _sweep(
     """Per bracket: entries below lo, equal to lo, equal to hi, and those strictly inside."""
     index_dtype = torch.int32 if n < 2**31 else torch.int64
     tallies: Tallies = {key: _Tally() for key in brackets}
-    found: Found = {key: [] for key in brackets}
+    inside = {
+        (r, c): _Collector(_expected_inside(requests[r].sample, lo, hi, n) + block, index_dtype)
+        for (r, c), (lo, hi) in brackets.items()
+    }
     for _, start, end in block_ranges(n, block):
         b = base_block(start, end)
         for r, req in enumerate(requests):
@@ -226,8 +229,54 @@ def _sweep(
                 strictly_inside = side_lo.sub_(side_hi).sub_(1).clamp_(min=0)
                 where = strictly_inside.bool().nonzero().squeeze(1)
                 if where.numel():
-                    found[r, c].append((keys[where], where.add_(start).to(index_dtype)))
+                    inside[r, c].add(keys[where], where.add_(start))
+    found: Found = {key: collector.gathered() for key, collector in inside.items()}
     return tallies, found
+
+
+def _expected_inside(sample: torch.Tensor, lo: float, hi: float, n: int) -> int:
+    """About how many of n entries lie strictly between lo and hi, judged by the sample."""
+    share = float(((sample > lo) & (sample < hi)).sum()) / max(1, sample.numel())
+    return math.ceil(share * n * 1.25)
+
+
+class _Collector:
+    """The keys and indices of the entries strictly inside one bracket, gathered block by block
+    into one pair of buffers (doubled when full). Kept as a small tensor per block, they pin the
+    block temporaries freed around them in the heap: measured, 177 MB of heap held over one
+    sweep of a 33M-entry tensor, against 13 MB this way."""
+
+    def __init__(self, capacity: int, index_dtype: torch.dtype) -> None:
+        self._capacity = capacity
+        self._index_dtype = index_dtype
+        self._values: torch.Tensor | None = None
+        self._indices = torch.empty(0, dtype=index_dtype)
+        self._size = 0
+
+    def add(self, values: torch.Tensor, indices: torch.Tensor) -> None:
+        if self._values is None:  # the keys' dtype and device are known from the first block
+            self._values = values.new_empty(self._capacity)
+            self._indices = indices.new_empty(self._capacity, dtype=self._index_dtype)
+        end = self._size + values.numel()
+        if end > self._values.numel():
+            capacity = max(end, 2 * self._values.numel())
+            self._values = _grown(self._values, self._size, capacity)
+            self._indices = _grown(self._indices, self._size, capacity)
+        self._values[self._size : end] = values
+        self._indices[self._size : end] = indices
+        self._size = end
+
+    def gathered(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """What was added, as Found holds it: one (values, indices) pair, or none."""
+        if self._values is None or not self._size:
+            return []
+        return [(self._values[: self._size].clone(), self._indices[: self._size].clone())]
+
+
+def _grown(tensor: torch.Tensor, size: int, capacity: int) -> torch.Tensor:
+    grown = torch.empty(capacity, dtype=tensor.dtype, device=tensor.device)
+    grown[:size] = tensor[:size]
+    return grown
 
 
 def _sweep_native(
