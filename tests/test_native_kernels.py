@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 import os
+import zlib
 from fractions import Fraction
 from pathlib import Path
 
@@ -496,3 +497,102 @@ def test_della_measure_matches_its_torch_steps(dtype: torch.dtype, spread: bool)
     native.pack_mask(keep, expected_bits)
     assert exact_sums(total, kept) == torch_sums(magnitude, keep)
     assert torch.equal(bits, expected_bits)
+
+
+def random_bytes(n: int, seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (n,), dtype=torch.uint8, generator=g).numpy().tobytes()
+
+
+# Both sides of every block size the folds work in (16-byte lanes, 64-byte steps) and of the
+# length from which ms_crc32 folds at all (64 + 15).
+CRC_LENGTHS = [*range(301), *(n + d for n in (64, 79, 128, 256, 512, 4096) for d in range(-17, 18))]
+
+
+@needs_kernels
+@pytest.mark.parametrize("portable", [False, True], ids=["ms_crc32", "tables"])
+def test_crc32_kernel_equals_zlib_at_every_short_length_and_alignment(portable: bool) -> None:
+    """Every length to 300 and around the folds' block sizes, starting at each of 16 byte
+    offsets (so every alignment the 16-byte head meets), from zlib's start and from another
+    register value, read in place from read-only (bytes) and writable buffers."""
+    data = random_bytes(5000, seed=1)
+    writable = memoryview(bytearray(data))
+    for offset in range(16):
+        for n in sorted(set(CRC_LENGTHS)):
+            piece = data[offset : offset + n]
+            for start in (0, 0x9E3779B9):
+                expected = zlib.crc32(piece, start)
+                got = native.kernel_crc32(
+                    memoryview(data)[offset : offset + n], start, portable=portable
+                )
+                assert got == expected, (offset, n, start)
+                got = native.kernel_crc32(writable[offset : offset + n], start, portable=portable)
+                assert got == expected, (offset, n, start)
+
+
+@needs_kernels
+@pytest.mark.parametrize("portable", [False, True], ids=["ms_crc32", "tables"])
+@pytest.mark.parametrize("fill", ["random", "zeros", "ones"])
+@pytest.mark.parametrize("size", [1 << 20, 10_000_019])
+def test_crc32_kernel_equals_zlib_on_large_inputs(portable: bool, fill: str, size: int) -> None:
+    """Megabytes of random bytes, of 0x00 and of 0xFF (the register's inversion matters most
+    where the data is constant), one of them an odd length that leaves a tail after the folds."""
+    data = {
+        "random": lambda: random_bytes(size, seed=2),
+        "zeros": lambda: bytes(size),
+        "ones": lambda: b"\xff" * size,
+    }[fill]()
+    assert native.kernel_crc32(data, portable=portable) == zlib.crc32(data)
+    assert native.kernel_crc32(data, 12345, portable=portable) == zlib.crc32(data, 12345)
+
+
+@needs_kernels
+@pytest.mark.parametrize("portable", [False, True], ids=["ms_crc32", "tables"])
+def test_crc32_kernel_calls_chain_like_zlib(portable: bool) -> None:
+    """crc32(b, crc32(a, start)) is the CRC of a then b, wherever the split falls: in a fold's
+    lane, between steps, in the tail; the start not zero."""
+    data = random_bytes(70_001, seed=3)
+    view = memoryview(data)
+    for split in (0, 1, 15, 16, 63, 64, 65, 79, 80, 1000, 4096 + 7, 65_536, 70_000, 70_001):
+        first = native.kernel_crc32(view[:split], 0xDEADBEEF, portable=portable)
+        assert native.kernel_crc32(view[split:], first, portable=portable) == zlib.crc32(
+            data, 0xDEADBEEF
+        ), split
+
+
+@needs_kernels
+@settings(max_examples=200, deadline=None)
+@given(data=st.binary(max_size=3000), start=st.integers(0, 2**32 - 1), offset=st.integers(0, 15))
+def test_crc32_kernel_equals_zlib_on_any_bytes(data: bytes, start: int, offset: int) -> None:
+    padded = memoryview(bytes(offset) + data)[offset:]
+    for portable in (False, True):
+        assert native.kernel_crc32(padded, start, portable=portable) == zlib.crc32(data, start)
+
+
+def test_crc32_is_zlibs_with_and_without_kernels() -> None:
+    """native.crc32, which the writer and the progress journal use, gives zlib's values on both
+    sides of the length from which it calls the kernel, and with the kernels switched off: a
+    journal written by either path (or by a mergesmith before the kernel) reads the same."""
+    from mergesmith.output.journal import checksum
+
+    sizes = [0, 100, native.CRC32_KERNEL_FROM - 1, native.CRC32_KERNEL_FROM, 3_000_017]
+    for size in sizes:
+        data = random_bytes(size, seed=size)
+        writable = memoryview(bytearray(data))
+        assert native.crc32(data) == zlib.crc32(data)
+        assert native.crc32(writable, 77) == zlib.crc32(data, 77)
+        assert checksum(data) == zlib.crc32(data)
+        with native.torch_only():
+            assert native.crc32(writable, 77) == zlib.crc32(data, 77)
+
+
+@needs_kernels
+def test_crc32_kernel_folds_where_the_cpu_can() -> None:
+    """The tests above hold the carry-less path to zlib only where ms_crc32 takes it: on an
+    x86-64 Linux CPU with PCLMULQDQ and SSE4.1 it must."""
+    cpuinfo = Path("/proc/cpuinfo")
+    if os.uname().machine != "x86_64" or not cpuinfo.exists():
+        pytest.skip("the carry-less path is x86-64 only")
+    flags = set(cpuinfo.read_text().split())
+    expected = {"pclmulqdq", "sse4_1"} <= flags
+    assert bool(native._loaded().ms_crc32_uses_clmul()) == expected

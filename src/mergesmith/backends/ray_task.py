@@ -16,7 +16,6 @@ import datetime as dt
 import os
 import socket
 import threading
-import zlib
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -266,7 +265,9 @@ class ShardPatcher:
                 f"{path}: {os.strerror(exc.errno)} while writing",
                 "free space on the shared filesystem, then run again with --resume",
             ) from None
-        return zlib.crc32(data)
+        from mergesmith.native import crc32
+
+        return crc32(data)
 
     def sync(self) -> None:
         """Make the bytes durable before the driver journals their checksums."""

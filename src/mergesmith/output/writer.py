@@ -6,7 +6,6 @@ import ctypes
 import errno
 import os
 import sys
-import zlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -86,7 +85,9 @@ class TensorWriter:
                 # of RAM), so a merge would compute, then wait for the whole output at the final
                 # fsync; started now, writing the disk overlaps computing the next tensors.
                 _SYNC_FILE_RANGE(fd, place.offset, place.length, SYNC_FILE_RANGE_WRITE)
-        return zlib.crc32(data)
+        from mergesmith.native import crc32
+
+        return crc32(data)
 
     def wait(self) -> None:
         """Return once every tensor handed to `write` is in its shard (not yet fsynced); raise
