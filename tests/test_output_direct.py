@@ -18,7 +18,6 @@ import pytest
 import torch
 
 from mergesmith.errors import MergeError
-from mergesmith.output import direct
 from mergesmith.output.direct import ALIGN, CHUNK, DirectWrites, aligned_middle
 from mergesmith.output.layout import OutputLayout, Placement, ShardLayout
 from mergesmith.output.writer import TensorWriter, _write_all
@@ -169,62 +168,3 @@ def test_an_error_of_a_background_write_reaches_the_caller_naming_the_file(tmp_p
         os.close(fd)
     assert str(path) in caught.value.message
     assert os.strerror(errno.EFBIG) in caught.value.message
-
-
-def test_direct_writes_are_flushed_to_disk_as_they_go(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if not _direct_supported(tmp_path):
-        pytest.skip(f"{tmp_path}: this file system refuses O_DIRECT at open")
-    flushed: list[int] = []
-    real = os.fdatasync
-
-    def recording(fd: int) -> None:
-        flushed.append(fd)
-        real(fd)
-
-    monkeypatch.setattr(os, "fdatasync", recording)
-    monkeypatch.setattr(direct, "FLUSH_EVERY", 2 * CHUNK)
-    path = tmp_path / "shard"
-    path.write_bytes(bytes(8 * CHUNK))
-    fd = os.open(path, os.O_RDWR)
-    writes = DirectWrites([path], [fd], _write_all)
-    try:
-        data = os.urandom(7 * CHUNK)
-        writes.put(0, memoryview(data), 0)
-        writes.wait()
-    finally:
-        writes.close()
-        os.close(fd)
-    # 7 chunks: a flush is due after the 2nd, 4th and 6th; one is skipped while an earlier
-    # flush of the same shard still waits to start.
-    assert 1 <= len(flushed) <= 3
-    assert path.read_bytes() == data + bytes(CHUNK)
-
-
-def test_an_error_of_a_background_flush_reaches_the_caller_naming_the_file(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    if not _direct_supported(tmp_path):
-        pytest.skip(f"{tmp_path}: this file system refuses O_DIRECT at open")
-
-    def failing(fd: int) -> None:
-        raise OSError(errno.EIO, os.strerror(errno.EIO))
-
-    # A device error surfaces once, to the flush that meets it: the final fsync of the file,
-    # made later through another descriptor, would not report it again.
-    monkeypatch.setattr(os, "fdatasync", failing)
-    monkeypatch.setattr(direct, "FLUSH_EVERY", CHUNK)
-    path = tmp_path / "shard"
-    path.touch()
-    fd = os.open(path, os.O_RDWR)
-    writes = DirectWrites([path], [fd], _write_all)
-    try:
-        writes.put(0, memoryview(bytes(CHUNK)), 0)
-        with pytest.raises(MergeError) as caught:
-            writes.wait()
-    finally:
-        writes.close()
-        os.close(fd)
-    assert str(path) in caught.value.message
-    assert os.strerror(errno.EIO) in caught.value.message

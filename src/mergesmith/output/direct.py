@@ -17,12 +17,6 @@ when every buffer is still in flight, so the disk writes overlap computing the n
 and the tensor can be freed as soon as `put` returns. Where the file system refuses O_DIRECT
 (some network and FUSE file systems; tmpfs before Linux 6.6), at open or at the first write,
 everything goes through the page cache.
-
-A write that bypasses the page cache is done when the device has it, which may still be only in
-the device's volatile cache: on a virtual machine, the host's page cache. The final fsync then
-waits for all of it to reach stable storage (measured on this project's VM: 0.6 s for 440 MB,
-after 0.4 s of writing). So every `FLUSH_EVERY` bytes a shard's data is flushed (fdatasync) from
-a second thread, while the merge goes on computing, and the final fsync finds little left.
 """
 
 from __future__ import annotations
@@ -35,13 +29,10 @@ import threading
 from collections.abc import Callable
 from pathlib import Path
 
-from mergesmith.errors import MergeError
-
 ALIGN = max(4096, mmap.PAGESIZE)
 CHUNK = 4 << 20  # one staging buffer
 BUFFERS = 4  # staging memory: 16 MB, fixed
 SMALLEST = 1 << 20  # shorter middles are not worth a trip through the thread
-FLUSH_EVERY = 64 << 20  # bytes written directly to a shard between two flushes of it
 _REFUSED = (errno.EINVAL, errno.EOPNOTSUPP, errno.ENOTSUP)
 
 WriteAll = Callable[[int, memoryview, int, Path], None]
@@ -79,15 +70,8 @@ class DirectWrites:
         for _ in range(BUFFERS):
             self._free.put(mmap.mmap(-1, CHUNK))
         self._todo: queue.Queue[tuple[int, int, mmap.mmap, int] | None] = queue.Queue()
-        self._unflushed = [0] * len(paths)
-        # Shards to flush; a shard already waiting is not queued twice.
-        self._flushes: queue.Queue[int | None] = queue.Queue()
-        self._flush_pending: set[int] = set()
-        self._flush_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name="mergesmith-writer", daemon=True)
-        self._flusher = threading.Thread(target=self._flush, name="mergesmith-flush", daemon=True)
         self._thread.start()
-        self._flusher.start()
 
     def takes(self, shard: int, size: int) -> bool:
         """Whether a middle of `size` bytes in this shard goes through here."""
@@ -104,19 +88,14 @@ class DirectWrites:
             self._todo.put((shard, offset + at, staging, len(piece)))
 
     def wait(self) -> None:
-        """Return once everything queued is written and no flush is under way; raise the first
-        error of any write or flush (a flush's error is reported to that call only, so the final
-        fsync could miss it)."""
+        """Return once everything queued is written; raise the first error of any write."""
         self._todo.join()
-        self._flushes.join()
         self._raise_error()
 
     def close(self) -> None:
         """Write out what is queued and stop; errors are left to `wait`."""
         self._todo.put(None)
         self._thread.join()
-        self._flushes.put(None)
-        self._flusher.join()
         for fd in self._direct:
             if fd is not None:
                 os.close(fd)
@@ -137,45 +116,11 @@ class DirectWrites:
                 if self._error is None:
                     with memoryview(staging) as whole:
                         self._write(shard, whole[:size], offset)
-                    self._count_unflushed(shard, size)
             except BaseException as exc:  # handed to the next put or wait
                 self._error = exc
             finally:
                 self._free.put(staging)
                 self._todo.task_done()
-
-    def _count_unflushed(self, shard: int, size: int) -> None:
-        self._unflushed[shard] += size
-        if self._unflushed[shard] < FLUSH_EVERY:
-            return
-        self._unflushed[shard] = 0
-        with self._flush_lock:
-            if shard in self._flush_pending:
-                return
-            self._flush_pending.add(shard)
-        self._flushes.put(shard)
-
-    def _flush(self) -> None:
-        while True:
-            shard = self._flushes.get()
-            if shard is None:
-                self._flushes.task_done()
-                return
-            with self._flush_lock:
-                self._flush_pending.discard(shard)
-            try:
-                fd = self._direct[shard]
-                if self._error is None and fd is not None:
-                    os.fdatasync(fd)
-            except OSError as exc:  # handed to the next put or wait
-                self._error = MergeError(
-                    f"{self._paths[shard]}: {os.strerror(exc.errno or 0)} while flushing to disk",
-                    "check the disk (and free space on it), then run again with --resume",
-                )
-            except BaseException as exc:
-                self._error = exc
-            finally:
-                self._flushes.task_done()
 
     def _write(self, shard: int, data: memoryview, offset: int) -> None:
         fd = self._direct[shard]
