@@ -249,28 +249,32 @@ class _Collector:
     def __init__(self, capacity: int, index_dtype: torch.dtype) -> None:
         self._capacity = capacity
         self._index_dtype = index_dtype
-        self._values: torch.Tensor | None = None
-        self._indices = torch.empty(0, dtype=index_dtype)
+        # Allocated at the first add, where the keys' dtype and device are known.
+        self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
         self._size = 0
 
     def add(self, values: torch.Tensor, indices: torch.Tensor) -> None:
-        if self._values is None:  # the keys' dtype and device are known from the first block
-            self._values = values.new_empty(self._capacity)
-            self._indices = indices.new_empty(self._capacity, dtype=self._index_dtype)
+        if self._buffers is None:
+            self._buffers = (
+                values.new_empty(self._capacity),
+                indices.new_empty(self._capacity, dtype=self._index_dtype),
+            )
+        kept, at = self._buffers
         end = self._size + values.numel()
-        if end > self._values.numel():
-            capacity = max(end, 2 * self._values.numel())
-            self._values = _grown(self._values, self._size, capacity)
-            self._indices = _grown(self._indices, self._size, capacity)
-        self._values[self._size : end] = values
-        self._indices[self._size : end] = indices
+        if end > kept.numel():
+            capacity = max(end, 2 * kept.numel())
+            kept, at = _grown(kept, self._size, capacity), _grown(at, self._size, capacity)
+            self._buffers = (kept, at)
+        kept[self._size : end] = values
+        at[self._size : end] = indices
         self._size = end
 
     def gathered(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """What was added, as Found holds it: one (values, indices) pair, or none."""
-        if self._values is None or not self._size:
+        if self._buffers is None or not self._size:
             return []
-        return [(self._values[: self._size].clone(), self._indices[: self._size].clone())]
+        kept, at = self._buffers
+        return [(kept[: self._size].clone(), at[: self._size].clone())]
 
 
 def _grown(tensor: torch.Tensor, size: int, capacity: int) -> torch.Tensor:
