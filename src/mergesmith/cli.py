@@ -109,6 +109,10 @@ def cli() -> None:
 
 def main() -> None:
     """The `mergesmith` command: run it, then leave without tearing the interpreter down."""
+    from mergesmith import deferred_torch
+
+    # Imported on first use: a merge that the C kernels compute whole never needs it.
+    deferred_torch.defer()
     try:
         cli()
         code: int | str | None = 0

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from mergesmith.dtypes import ITEMSIZE, to_torch
+from mergesmith.dtypes import CONFIG_NAME, ITEMSIZE, to_torch
 from mergesmith.errors import MergeError
 from mergesmith.methods.registry import MergeMethod, MethodInputs
 from mergesmith.plan import Plan, TensorInput, TensorJob
@@ -33,6 +33,9 @@ class EngineOptions:
     max_memory: int | None = None  # bytes of working memory for jobs in flight
     device: str = "cpu"
     allow_nonfinite: bool = False
+    # Jobs the C kernels compute whole run without torch (kernel_route); False always takes
+    # the torch code, for comparing the two.
+    kernel_route: bool = True
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -178,11 +181,17 @@ def run_jobs(
     needs no lock of its own)."""
     todo = _run_order(plan.jobs if jobs is None else jobs)
     _return_freed_buffers_to_the_os()
-    device = torch.device(options.device)
-    previous_threads = torch.get_num_threads()
-    # Intra-op threads change reduction order and so the last bits of sums; one per job keeps
-    # the output identical whatever --threads is, and jobs run in parallel instead.
-    torch.set_num_threads(1)
+    route = None
+    if options.kernel_route:
+        from mergesmith.kernel_route import route_for
+
+        route = route_for(plan, sources, todo, options.device)
+    previous_threads = None
+    if route is None:
+        previous_threads = torch.get_num_threads()
+        # Intra-op threads change reduction order and so the last bits of sums; one per job
+        # keeps the output identical whatever --threads is, and jobs run in parallel instead.
+        torch.set_num_threads(1)
     budget = _Budget(options.max_memory or default_memory_budget(todo))
     failed = threading.Event()
     reporting = threading.Lock()
@@ -201,14 +210,24 @@ def run_jobs(
     gc.disable()
     # OpenMP thread counts are per thread: each worker must set its own.
     pool = ThreadPoolExecutor(
-        max_workers=max(1, options.threads), initializer=torch.set_num_threads, initargs=(1,)
+        max_workers=max(1, options.threads),
+        initializer=_one_torch_thread if route is None else None,
     )
     # The hints run as far ahead as the budget lets jobs hold memory.
     readahead = _ReadAhead(todo, sources, budget.limit or 0)
 
+    device = torch.device(options.device) if route is None else None
+
     def run_one(job: TensorJob) -> None:
         readahead.job_started(job)
-        _run_one(plan.method, job, sources, write, device, options)
+        try:
+            if route is not None:
+                write(job, route.compute(job, options.allow_nonfinite))
+            else:
+                assert device is not None
+                write(job, compute(plan.method, job, sources, device, options.allow_nonfinite))
+        finally:
+            _release(job, sources)
 
     futures: list[Future] = []
     try:
@@ -231,7 +250,8 @@ def run_jobs(
                 raise error
     finally:
         readahead.close()
-        torch.set_num_threads(previous_threads)
+        if previous_threads is not None:
+            torch.set_num_threads(previous_threads)
         if gc_was_enabled:
             gc.enable()
 
@@ -259,22 +279,18 @@ def default_memory_budget(jobs: list[TensorJob]) -> int:
     return largest + largest // 4
 
 
-def _run_one(
-    method: MergeMethod,
-    job: TensorJob,
-    sources: Mapping[str, ModelSource],
-    write: Callable[[TensorJob, torch.Tensor], None],
-    device: torch.device,
-    options: EngineOptions,
-) -> None:
-    try:
-        write(job, compute(method, job, sources, device, options.allow_nonfinite))
-    finally:
-        for inp in (job.base, *job.inputs):
-            if inp is not None:
-                sources[inp.model].release(inp.name)
-        if job.work_bytes > TRIM_AFTER_BYTES:
-            _trim_heap()
+def _one_torch_thread() -> None:
+    torch.set_num_threads(1)
+
+
+def _release(job: TensorJob, sources: Mapping[str, ModelSource]) -> None:
+    """A job's end: its inputs' pages stop counting as ours, and a large job's freed heap
+    goes back to the system."""
+    for inp in (job.base, *job.inputs):
+        if inp is not None:
+            sources[inp.model].release(inp.name)
+    if job.work_bytes > TRIM_AFTER_BYTES:
+        _trim_heap()
 
 
 def compute(
@@ -304,11 +320,7 @@ def compute(
         raise MergeError(f"tensor '{job.name}': {exc.message}", exc.hint) from None
     if not allow_nonfinite and not _all_finite(result):
         _require_finite(loaded)
-        raise MergeError(
-            f"merged tensor '{job.name}' has values too large for "
-            f"{str(result.dtype).removeprefix('torch.')}",
-            "the weights scale the models up too far; lower them, or set a wider 'dtype'",
-        )
+        raise too_large(job)
     del base, models, loaded
     return result.cpu()
 
@@ -352,10 +364,23 @@ def _require_finite(loaded: list[tuple[TensorInput, torch.Tensor]]) -> None:
     """Raise naming the first input (base first) that holds NaN or Inf, if any."""
     for inp, tensor in loaded:
         if tensor.is_floating_point() and not _all_finite(tensor):
-            raise MergeError(
-                f"model '{inp.model}': tensor '{inp.name}' holds NaN or infinite values",
-                "the checkpoint is damaged or diverged; use --allow-nonfinite to merge it anyway",
-            )
+            raise nonfinite_input(inp)
+
+
+def nonfinite_input(inp: TensorInput) -> MergeError:
+    return MergeError(
+        f"model '{inp.model}': tensor '{inp.name}' holds NaN or infinite values",
+        "the checkpoint is damaged or diverged; use --allow-nonfinite to merge it anyway",
+    )
+
+
+def too_large(job: TensorJob) -> MergeError:
+    """A merged tensor with NaN or Inf where no input holds any."""
+    dtype = CONFIG_NAME.get(job.dtype, job.dtype)
+    return MergeError(
+        f"merged tensor '{job.name}' has values too large for {dtype}",
+        "the weights scale the models up too far; lower them, or set a wider 'dtype'",
+    )
 
 
 def _load(

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from mergesmith.errors import MergeError
 from mergesmith.output.layout import OutputLayout
-from mergesmith.output.writer import NO_SPACE
+from mergesmith.output.writer import NO_SPACE, tensor_bytes
 from mergesmith.sources.base import ModelSource
 
 if TYPE_CHECKING:
@@ -243,12 +243,11 @@ class ShardPatcher:
             )
         return fd
 
-    def write(self, name: str, tensor: torch.Tensor) -> int:
-        """Place one tensor; returns the CRC-32 of its bytes, as the local writer does."""
-        import torch
-
+    def write(self, name: str, tensor: torch.Tensor | memoryview | bytearray) -> int:
+        """Place one tensor (or its bytes); returns the CRC-32 of its bytes, as the local
+        writer does."""
         place = self.layout.placements[name]
-        data = memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
+        data = tensor_bytes(tensor)
         if data.nbytes != place.length:
             raise RuntimeError(f"{name}: {data.nbytes} bytes computed, {place.length} planned")
         view, offset = data.cast("B"), place.offset

@@ -27,7 +27,6 @@ import math
 from collections.abc import Iterator, Sequence
 
 import torch
-import torch.nn.functional as F
 
 from mergesmith.methods.registry import REFERENCE, JobSize, blocked, merge_method
 from mergesmith.native import whole
@@ -81,8 +80,8 @@ def row_divergence(
     [r0, r1) of the 2-D views `model` and `base`: float32, shape (r1 - r0,)."""
     length = model.shape[1]
     if length <= block:
-        p = F.softmax(model[r0:r1].float(), dim=-1).add_(EPS)
-        q = F.softmax(base[r0:r1].float(), dim=-1).add_(EPS)
+        p = torch.softmax(model[r0:r1].float(), dim=-1).add_(EPS)
+        q = torch.softmax(base[r0:r1].float(), dim=-1).add_(EPS)
         return p.div(q).log_().mul_(p).sum(-1)
     # One row longer than a block: softmax as exp(x - max) / sum, the sums read block by block.
     assert r1 == r0 + 1
@@ -147,10 +146,11 @@ def fusion_merge(
     base: torch.Tensor,
     model: torch.Tensor,
     seed: int,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
     block: int = BLOCK,
 ) -> torch.Tensor:
     """The method's work, with the block size open for tests."""
+    out_dtype = out_dtype or torch.float32
     if base.numel() == 0:  # no quartiles to take (mergekit fails here): nothing to merge
         return torch.empty(base.shape, dtype=out_dtype, device=base.device)
     m2, b2 = _as_rows(model), _as_rows(base)
@@ -189,7 +189,7 @@ def arcee_fusion(
     models: Sequence[torch.Tensor],
     *,
     seeds: Sequence[int] = (),
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """base + (model - base) where the importance |model - base| * KL(row) is an outlier.
 
@@ -200,5 +200,6 @@ def arcee_fusion(
     >>> arcee_fusion(base, [model])
     tensor([0., 0., 0., 0., 0., 0., 3., 0.])
     """
+    out_dtype = out_dtype or torch.float32
     assert base is not None
     return fusion_merge(base, models[0], seeds[0] if seeds else 0, out_dtype)

@@ -136,7 +136,7 @@ def karcher(
     *,
     max_iter: Annotated[int, Param("most iterations", check=iteration_count)] = 10,
     tol: Annotated[float, Param("convergence and zero-norm tolerance", check=non_negative)] = 1e-5,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """The Karcher mean of `models` on the sphere, times their mean norm (no base).
 
@@ -146,6 +146,7 @@ def karcher(
     >>> karcher(None, [a, b, torch.tensor([-3.0, 0.0])], max_iter=100)
     tensor([0., 3.])
     """
+    out_dtype = out_dtype or torch.float32
     if len(models) == 1:
         return models[0]
     coefficients = karcher_coefficients(gram_matrix(models, None), max_iter, tol)

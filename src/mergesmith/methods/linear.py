@@ -25,13 +25,14 @@ def linear(
     *,
     weight: Annotated[PerModel[float], Param("this model's weight")],
     normalize: Annotated[bool, Param("divide by the sum of weights")] = True,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """sum_i w_i X_i, divided by sum_i w_i when `normalize`; float32 arithmetic, block by block.
 
     >>> linear(None, [torch.tensor([1.0, 2.0]), torch.tensor([3.0, 6.0])], weight=[1.0, 3.0])
     tensor([2.5000, 5.0000])
     """
+    out_dtype = out_dtype or torch.float32
     first = models[0]
     flats = [m.reshape(-1) for m in models]
     out = torch.empty(first.numel(), dtype=out_dtype, device=first.device)

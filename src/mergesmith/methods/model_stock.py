@@ -91,10 +91,11 @@ def stock_merge(
     base: torch.Tensor,
     models: Sequence[torch.Tensor],
     filter_wise: bool,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
     block: int = BLOCK,
 ) -> torch.Tensor:
     """The method's work, with the row grouping's block size open for tests."""
+    out_dtype = out_dtype or torch.float32
     base2 = _as_rows(base, filter_wise)
     flats = [_as_rows(m, filter_wise) for m in models]
     rows, length = base2.shape
@@ -124,7 +125,7 @@ def model_stock(
     filter_wise: Annotated[bool, Param("one ratio per row (last dimension), not per tensor")] = (
         False
     ),
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """t * mean(models) + (1 - t) * base, t from the mean cosine of the task vectors.
 
@@ -134,5 +135,6 @@ def model_stock(
     >>> model_stock(base, [torch.tensor([1.0, 0.0]), torch.tensor([0.5, 0.75**0.5])])
     tensor([0.5000, 0.2887])
     """
+    out_dtype = out_dtype or torch.float32
     assert base is not None
     return stock_merge(base, models, filter_wise, out_dtype)

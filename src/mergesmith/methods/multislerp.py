@@ -64,7 +64,7 @@ def multislerp(
     weight: Annotated[PerModel[float], Param("this model's weight")],
     normalize_weights: Annotated[bool, Param("divide the weights by their sum")] = True,
     eps: Annotated[float, Param("small constant added to norms", check=finite_non_negative)] = 1e-8,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """Weighted spherical mean of `models` (of their task vectors when `base` is given).
 
@@ -74,6 +74,7 @@ def multislerp(
     >>> multislerp(torch.tensor([1.0, 1.0]), [a + 1, b + 1], weight=[1.0, 1.0])
     tensor([3.1213, 3.1213])
     """
+    out_dtype = out_dtype or torch.float32
     if len(models) == 1:
         return models[0]
     weights = [float(w) for w in weight]

@@ -47,7 +47,7 @@ def nearswap(
         float,
         Param("distance within which the model's value is taken", check=finite_non_negative),
     ],
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """w * model + (1 - w) * base with w = clamp(t / |base - model|, 0, 1), entry by entry.
 
@@ -55,6 +55,7 @@ def nearswap(
     >>> nearswap(base, [torch.tensor([0.05, 0.2, -0.4])], t=0.1)
     tensor([ 0.0500,  0.1000, -0.1000])
     """
+    out_dtype = out_dtype or torch.float32
     assert base is not None
     flat_a, flat_b = base.reshape(-1), models[0].reshape(-1)
     out = torch.empty(flat_a.numel(), dtype=out_dtype, device=base.device)

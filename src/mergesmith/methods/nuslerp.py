@@ -105,7 +105,7 @@ def nuslerp(
         bool, Param("interpolate slices along the first axis (columns of a matrix)")
     ] = False,
     nuslerp_flatten: Annotated[bool, Param("interpolate the whole tensor as one vector")] = True,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """Spherical interpolation between two models (task vectors when `base` is given).
 
@@ -115,6 +115,7 @@ def nuslerp(
     >>> nuslerp(torch.tensor([1.0, 1.0]), [a + 1, b + 1], weight=[1.0, 3.0])
     tensor([1.3827, 1.9239])
     """
+    out_dtype = out_dtype or torch.float32
     first = models[0]
     shape = first.shape
     out = torch.empty(shape, dtype=out_dtype, device=first.device)

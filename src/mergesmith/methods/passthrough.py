@@ -23,9 +23,10 @@ def passthrough(
     models: Sequence[torch.Tensor],
     *,
     scale: Annotated[PerModel[float | None], Param("multiply the tensor by this", default=None)],
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """The one model's tensor, times its `scale` when one is set."""
+    out_dtype = out_dtype or torch.float32
     (tensor,), (factor,) = models, scale
     if factor is None:
         return tensor.to(out_dtype)

@@ -46,7 +46,7 @@ def ram(
     epsilon: Annotated[
         float, Param("a change counts when its magnitude is above this", check=non_negative)
     ] = 1e-5,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """B + each model's change where it alone moves an entry, the mean change where several do.
 
@@ -54,6 +54,7 @@ def ram(
     >>> ram(b, [torch.tensor([0.5, 1.0, 0.0]), torch.tensor([0.0, 3.0, 0.0])])
     tensor([0.5000, 2.0000, 0.0000])
     """
+    out_dtype = out_dtype or torch.float32
     assert base is not None
     return _merge(base, models, epsilon, None, out_dtype)
 
@@ -76,7 +77,7 @@ def ramplus_tl(
     epsilon: Annotated[
         float, Param("a change counts when its magnitude is above this", check=non_negative)
     ] = 1e-5,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """RAM, with model i's unique changes times 1 + r * clamp(shared_i / unique_i, 0, alpha).
 
@@ -88,6 +89,7 @@ def ramplus_tl(
     ...            alpha=2.0)
     tensor([0.7500, 2.0000, 0.0000])
     """
+    out_dtype = out_dtype or torch.float32
     assert base is not None
     flat_base = base.reshape(-1)
     flats = [m.reshape(-1) for m in models]

@@ -29,7 +29,6 @@ import inspect
 import math
 import pkgutil
 import types
-import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Annotated, Any, Literal, TypeAlias, TypeVar, get_args, get_origin
@@ -180,21 +179,33 @@ class MergeMethod:
         """Call the function with each parameter in its declared form."""
         import torch
 
-        kwargs: dict[str, Any] = {
-            arg: [value] * len(inputs.models) if arg in self.fixed_per_model else value
-            for arg, value in self.fixed.items()
-        }
-        for spec in self.params:
-            if spec.per_model:
-                kwargs[spec.arg] = [m[spec.name] for m in inputs.model_params]
-            else:
-                kwargs[spec.arg] = inputs.params[spec.name]
-        if "seeds" in self.context:
-            kwargs["seeds"] = list(inputs.seeds)
+        kwargs = self.keywords(inputs.params, inputs.model_params, inputs.seeds, len(inputs.models))
         if "out_dtype" in self.context:
             kwargs["out_dtype"] = inputs.out_dtype or torch.float32
         result = self.function(inputs.base, list(inputs.models), **kwargs)
         return result.to(inputs.out_dtype or torch.float32)
+
+    def keywords(
+        self,
+        params: Mapping[str, Any],
+        model_params: Sequence[Mapping[str, Any]],
+        seeds: Sequence[int],
+        count: int,
+    ) -> dict[str, Any]:
+        """The function's keyword arguments for `count` models, `out_dtype` aside: the fixed
+        ones, each parameter in its declared form, and the seeds where it takes them."""
+        kwargs: dict[str, Any] = {
+            arg: [value] * count if arg in self.fixed_per_model else value
+            for arg, value in self.fixed.items()
+        }
+        for spec in self.params:
+            if spec.per_model:
+                kwargs[spec.arg] = [m[spec.name] for m in model_params]
+            else:
+                kwargs[spec.arg] = params[spec.name]
+        if "seeds" in self.context:
+            kwargs["seeds"] = list(seeds)
+        return kwargs
 
 
 def merge_method(
@@ -245,12 +256,11 @@ def merge_method(
 
 def params_of(function: Callable[..., Any], defaults: Mapping[str, Any]) -> list[ParamSpec]:
     """The parameter specs a function's keyword-only arguments declare."""
-    hints = typing.get_type_hints(function, include_extras=True)
     specs = []
     for pname, arg in inspect.signature(function).parameters.items():
         if arg.kind is not inspect.Parameter.KEYWORD_ONLY or pname in _CONTEXT:
             continue
-        hint = hints[pname]
+        hint = _evaluated(arg.annotation, function)
         meta = Param()
         if get_origin(hint) is Annotated:
             hint, *extras = get_args(hint)
@@ -271,6 +281,15 @@ def params_of(function: Callable[..., Any], defaults: Mapping[str, Any]) -> list
             ParamSpec(name, kind, per_model, default, meta.help, choices, meta.check, pname)
         )
     return specs
+
+
+def _evaluated(annotation: Any, function: Callable[..., Any]) -> Any:
+    """One parameter's annotation as an object. typing.get_type_hints would evaluate every
+    annotation of the function, the tensors' too, and looking up torch.Tensor loads torch
+    (mergesmith.deferred_torch)."""
+    if isinstance(annotation, str):
+        return eval(annotation, function.__globals__)
+    return annotation
 
 
 def _kind(hint: Any, function: Callable[..., Any], name: str) -> tuple[type, bool]:

@@ -84,7 +84,7 @@ def sce(
         Param("fraction of the entries of nonzero variance kept", check=in_unit_interval),
     ] = 1.0,
     int8_mask: Annotated[bool, Param("accepted for mergekit; never changes results")] = False,
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """B + the sign-erased, mean-square-weighted mean of the selected task vectors.
 
@@ -98,6 +98,7 @@ def sce(
     >>> sce(b, [x, y])
     tensor([2.0000, 2.2500, 1.0000])
     """
+    out_dtype = out_dtype or torch.float32
     assert base is not None
     n = base.numel()
     flat_base = base.reshape(-1)
@@ -246,17 +247,14 @@ def _weights(
     return [float(w) for w in weights], kept
 
 
-_BIT_VALUES = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8)
-_SHIFTS = torch.arange(8, dtype=torch.uint8)
-
-
 def _pack(keep: torch.Tensor, into: torch.Tensor, number: int) -> None:
     """Block `number`'s 0/1 mask as bits: entry i of the block is bit i % 8 of its byte i // 8,
     the block's bytes starting at number * BLOCK / 8."""
     size = keep.numel()
     bits = torch.zeros(-(-size // 8) * 8, dtype=torch.uint8, device=keep.device)
     bits[:size] = keep.to(torch.uint8)
-    packed = bits.view(-1, 8).mul_(_BIT_VALUES.to(keep.device)).sum(dim=1, dtype=torch.uint8)
+    values = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=keep.device)
+    packed = bits.view(-1, 8).mul_(values).sum(dim=1, dtype=torch.uint8)
     offset = number * (BLOCK // 8)
     into[offset : offset + packed.numel()] = packed
 
@@ -265,5 +263,6 @@ def _unpack(kept: torch.Tensor, number: int, size: int) -> torch.Tensor:
     """Block `number`'s mask (float32 0/1, `size` entries) from its bits."""
     offset = number * (BLOCK // 8)
     packed = kept[offset : offset + -(-size // 8)]
-    bits = packed.unsqueeze(1).bitwise_right_shift(_SHIFTS.to(kept.device)).bitwise_and_(1)
+    shifts = torch.arange(8, dtype=torch.uint8, device=kept.device)
+    bits = packed.unsqueeze(1).bitwise_right_shift(shifts).bitwise_and_(1)
     return bits.reshape(-1)[:size].float()

@@ -54,7 +54,7 @@ def slerp(
     models: Sequence[torch.Tensor],
     *,
     t: Annotated[float, Param("interpolation factor", check=in_unit_interval)],
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """Spherical interpolation from `base` (t = 0) to `models[0]` (t = 1).
 
@@ -62,6 +62,7 @@ def slerp(
     >>> slerp(a, [b], t=0.5)
     tensor([0.7071, 0.7071])
     """
+    out_dtype = out_dtype or torch.float32
     assert base is not None
     model = models[0]
     c_a, c_b = slerp_coefficients(t, base, model)

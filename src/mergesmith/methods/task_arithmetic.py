@@ -103,17 +103,7 @@ def merge_task_vectors(
     n = base.numel()
     flat_base = base.reshape(-1)
     flats = [m.reshape(-1) for m in models]
-    specs = [
-        ModelPlan(
-            sparsifier,
-            (densities or [1.0] * k)[i],
-            (gammas or [0.01] * k)[i],
-            (epsilons or [0.15] * k)[i],
-            (seeds or list(range(k)))[i],
-            rescale,
-        )
-        for i in range(k)
-    ]
+    specs = model_plans(k, sparsifier, densities, gammas, epsilons, seeds, rescale)
     block = block_size_for(base.shape, sparsifier)
     shape2d = as_rows(base.shape)
     try:
@@ -128,7 +118,6 @@ def merge_task_vectors(
     for plan, flat in zip(specs, flats, strict=True):
         plan.measure_rescale(flat_base, flat, n, block, shape2d)
     weight_list = [float(w) for w in weights]
-    total_weight = float(torch.tensor(weight_list, dtype=torch.float32).sum())
     combine = _Combine(
         flat_base,
         flats,
@@ -136,7 +125,7 @@ def merge_task_vectors(
         weight_list,
         consensus,
         normalize,
-        1.0 if abs(total_weight) < 1e-8 else total_weight,
+        summed_weight(weight_list),
         lambda_,
         shape2d,
         torch.empty(n, dtype=out_dtype),
@@ -146,6 +135,36 @@ def merge_task_vectors(
     for number, start, end in block_ranges(n, block):
         run_block(number, start, end)
     return combine.out.reshape(base.shape)
+
+
+def model_plans(
+    k: int,
+    sparsifier: str | None,
+    densities: Sequence[float] | None,
+    gammas: Sequence[float] | None,
+    epsilons: Sequence[float] | None,
+    seeds: Sequence[int] | None,
+    rescale: bool,
+) -> list[ModelPlan]:
+    """Each of `k` models' sparsification, with merge_task_vectors' defaults."""
+    return [
+        ModelPlan(
+            sparsifier,
+            (densities or [1.0] * k)[i],
+            (gammas or [0.01] * k)[i],
+            (epsilons or [0.15] * k)[i],
+            (seeds or list(range(k)))[i],
+            rescale,
+        )
+        for i in range(k)
+    ]
+
+
+def summed_weight(weights: Sequence[float]) -> float:
+    """The weights' sum as the plain (no consensus) combination divides by it: in float32,
+    as mergekit sums them, and 1 where that is nearly 0."""
+    total = float(torch.tensor(list(weights), dtype=torch.float32).sum())
+    return 1.0 if abs(total) < 1e-8 else total
 
 
 @dataclass
@@ -324,7 +343,8 @@ class ModelPlan:
         self.rescale = rescale
         self.lower: Cut | None = None  # keep entries at or after this cut...
         self.upper: Cut | None = None  # ...and at or before this one
-        self.keep_none = False
+        # Magnitude cuts that keep nothing are found with the cuts (cut_request).
+        self.keep_none = self.kind == "della_magprune" and density <= 0
         self.factor = 1.0
         # DARE's and DELLA's masks drawn while measuring for `rescale`, one bit per entry,
         # each block's at `block_bytes` * its number: the combining pass reads them back
@@ -337,8 +357,6 @@ class ModelPlan:
     def cut_request(self, base: torch.Tensor, model: torch.Tensor, n: int) -> CutRequest | None:
         """What this model needs from the shared selection sweep, if anything."""
         if self.kind not in ("magnitude", "magnitude_outliers"):
-            if self.kind == "della_magprune" and self.density <= 0:
-                self.keep_none = True
             return None
         descending = self.kind == "magnitude"
         if n == 0 or (descending and self.density <= 0):
@@ -635,9 +653,10 @@ def task_vector_merge(
     ] = None,
     sparsifier: str | None = None,
     seeds: Sequence[int] = (),
-    out_dtype: torch.dtype = torch.float32,
+    out_dtype: torch.dtype | None = None,  # None: float32
 ) -> torch.Tensor:
     """One row of the family, as a method: see merge_task_vectors."""
+    out_dtype = out_dtype or torch.float32
     assert base is not None
     return merge_task_vectors(
         base,

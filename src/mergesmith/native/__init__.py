@@ -21,7 +21,8 @@ import torch
 from mergesmith.native.status import kernel_status
 from mergesmith.ops.exact_sum import UNIT_EXPONENT, ExactSum
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+# The kernels' dtype codes (DT_* in convert.h), by safetensors name.
+KERNEL_DTYPES = {"F32": 0, "BF16": 1, "F16": 2}
 EXACT_BINS, EXACT_LOW = 288, -201  # as in exact_sum.h
 
 TRIM_KEEP_ALL, TRIM_TIMES_ZERO, TRIM_SHRINK, TRIM_MASK = range(4)
@@ -77,6 +78,17 @@ class NativeSum(ctypes.Structure):
                 total.units += count << (b + EXACT_LOW - UNIT_EXPONENT)
         total.infinities += self.infinities
         total.nans += self.nans
+
+
+@cache
+def _torch_codes() -> dict[torch.dtype, int]:
+    # Built on first use: looking up torch.float32 at import would load torch (deferred_torch).
+    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def dtype_code(dtype: torch.dtype) -> int:
+    """The kernels' code for a torch dtype they read and write."""
+    return _torch_codes()[dtype]
 
 
 class KernelError(RuntimeError):
@@ -135,6 +147,8 @@ def _load() -> ctypes.CDLL | None:
         p, i32, p, i32, i64, i64, i64, ctypes.c_uint64, f32, f32, p, p, p,
     ]  # fmt: skip
     lib.ms_della_measure.restype = ctypes.c_int
+    lib.ms_count_nonfinite.argtypes = [p, i32, i64]
+    lib.ms_count_nonfinite.restype = ctypes.c_int64
     for crc32_kernel in (lib.ms_crc32, lib.ms_crc32_portable):
         crc32_kernel.argtypes = [ctypes.c_uint32, p, i64]
         crc32_kernel.restype = ctypes.c_uint32
@@ -163,7 +177,7 @@ def handles(*tensors: torch.Tensor | None) -> bool:
     for t in tensors:
         if t is None:
             continue
-        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _DTYPES:
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in _torch_codes():
             return False
         if t.dtype == torch.float16 and not lib.ms_has_f16():
             return False
@@ -172,7 +186,7 @@ def handles(*tensors: torch.Tensor | None) -> bool:
 
 def _pointers(tensors: Sequence[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
     pointers = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
-    dtypes = (ctypes.c_int32 * len(tensors))(*(_DTYPES[t.dtype] for t in tensors))
+    dtypes = (ctypes.c_int32 * len(tensors))(*(dtype_code(t.dtype) for t in tensors))
     return pointers, dtypes
 
 
@@ -193,7 +207,7 @@ def family_block(
     pointers, dtypes = _pointers(models)
     arguments = (
         base.data_ptr(),
-        _DTYPES[base.dtype],
+        dtype_code(base.dtype),
         pointers,
         dtypes,
         len(models),
@@ -236,7 +250,7 @@ def linear_block(
 
 def _combine_into(kernel, arguments: tuple, out: torch.Tensor) -> None:
     """Call a combining kernel, whose last arguments are always the output and its dtype."""
-    if kernel(*arguments, out.data_ptr(), _DTYPES[out.dtype]) != 0:
+    if kernel(*arguments, out.data_ptr(), dtype_code(out.dtype)) != 0:
         raise KernelError("no memory for the kernel's scratch buffers")
 
 
@@ -275,9 +289,9 @@ def bracket_sweep(
         hi_blocks = torch.zeros(blocks, dtype=torch.int64)
         status = lib.ms_bracket_sweep(
             base.data_ptr(),
-            _DTYPES[base.dtype],
+            dtype_code(base.dtype),
             model.data_ptr(),
-            _DTYPES[model.dtype],
+            dtype_code(model.dtype),
             n,
             int(descending),
             lo,
@@ -313,9 +327,9 @@ def sample_keys(
     sample = torch.empty(count, dtype=torch.float32)
     lib.ms_sample_keys(
         base.data_ptr(),
-        _DTYPES[base.dtype],
+        dtype_code(base.dtype),
         model.data_ptr(),
-        _DTYPES[model.dtype],
+        dtype_code(model.dtype),
         base.numel(),
         int(descending),
         count,
@@ -355,9 +369,9 @@ def stream_measure(
     assert bits.dtype == torch.uint8 and bits.numel() >= (end - start + 7) // 8
     _loaded().ms_stream_measure(
         base.data_ptr(),
-        _DTYPES[base.dtype],
+        dtype_code(base.dtype),
         model.data_ptr(),
-        _DTYPES[model.dtype],
+        dtype_code(model.dtype),
         start,
         end - start,
         key,
@@ -416,9 +430,9 @@ def della_measure(
     assert bits.dtype == torch.uint8 and bits.numel() >= (end - start + 7) // 8
     failed = _loaded().ms_della_measure(
         base.data_ptr(),
-        _DTYPES[base.dtype],
+        dtype_code(base.dtype),
         model.data_ptr(),
-        _DTYPES[model.dtype],
+        dtype_code(model.dtype),
         start,
         (end - start) // width,
         width,

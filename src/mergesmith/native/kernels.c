@@ -718,6 +718,21 @@ KERNEL void ms_exact_sum(const float *x, int64_t n, ExactSum *all) {
         exact_add_slowly(all, x + at, n - at < EXACT_SPAN ? n - at : EXACT_SPAN);
 }
 
+/* How many of the `count` values at `src` (dtype) are NaN or infinite: those whose exponent
+ * bits are all set. The kernel route's check of a merged tensor (mergesmith.kernel_route). */
+KERNEL int64_t ms_count_nonfinite(const void *src, int32_t dtype, int64_t count) {
+    int64_t found = 0;
+    if (dtype == DT_F32) {
+        const uint32_t *p = (const uint32_t *)src;
+        for (int64_t i = 0; i < count; i++) found += (p[i] & 0x7F800000u) == 0x7F800000u;
+    } else {
+        const uint16_t *p = (const uint16_t *)src;
+        const uint16_t exponent = dtype == DT_BF16 ? 0x7F80u : 0x7C00u;
+        for (int64_t i = 0; i < count; i++) found += (p[i] & exponent) == exponent;
+    }
+    return found;
+}
+
 /* ------------------------------------------------------------------ CRC-32 of written bytes */
 
 /*

@@ -16,8 +16,6 @@ import torch
 from mergesmith import native
 from mergesmith.native import KernelError
 
-_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
-
 
 @cache
 def _declared(lib: ctypes.CDLL) -> ctypes.CDLL | None:
@@ -62,10 +60,10 @@ def _inputs(
     tensors: Sequence[torch.Tensor], base: torch.Tensor | None
 ) -> tuple[ctypes.Array, ctypes.Array, int | None, int]:
     pointers = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
-    dtypes = (ctypes.c_int32 * len(tensors))(*(_DTYPES[t.dtype] for t in tensors))
+    dtypes = (ctypes.c_int32 * len(tensors))(*(native.dtype_code(t.dtype) for t in tensors))
     if base is None:
         return pointers, dtypes, None, 0
-    return pointers, dtypes, base.data_ptr(), _DTYPES[base.dtype]
+    return pointers, dtypes, base.data_ptr(), native.dtype_code(base.dtype)
 
 
 def gram(
@@ -104,7 +102,7 @@ def combine(
         out.numel() // max(rows, 1),
         coefficients.data_ptr(),
         out.data_ptr(),
-        _DTYPES[out.dtype],
+        native.dtype_code(out.dtype),
     )
 
 
@@ -125,7 +123,7 @@ def stock_combine(
         out.numel() // max(rows, 1),
         ratio.data_ptr(),
         out.data_ptr(),
-        _DTYPES[out.dtype],
+        native.dtype_code(out.dtype),
     )
 
 
@@ -133,14 +131,14 @@ def nearswap(a: torch.Tensor, b: torch.Tensor, t: float, eps: float, out: torch.
     """methods.nearswap's blend of every entry into `out`."""
     _lib().msw_nearswap(
         a.data_ptr(),
-        _DTYPES[a.dtype],
+        native.dtype_code(a.dtype),
         b.data_ptr(),
-        _DTYPES[b.dtype],
+        native.dtype_code(b.dtype),
         a.numel(),
         t,
         eps,
         out.data_ptr(),
-        _DTYPES[out.dtype],
+        native.dtype_code(out.dtype),
     )
 
 
@@ -156,15 +154,15 @@ def fusion_apply(
     rows = kl.numel()
     _lib().msw_fusion_apply(
         model.data_ptr(),
-        _DTYPES[model.dtype],
+        native.dtype_code(model.dtype),
         base.data_ptr(),
-        _DTYPES[base.dtype],
+        native.dtype_code(base.dtype),
         rows,
         out.numel() // max(rows, 1),
         kl.data_ptr(),
         threshold,
         out.data_ptr(),
-        _DTYPES[out.dtype],
+        native.dtype_code(out.dtype),
     )
 
 
@@ -184,9 +182,9 @@ def fusion_quartiles(
     values = (ctypes.c_float * 3)()
     status = _lib().msw_fusion_quartiles(
         model.data_ptr(),
-        _DTYPES[model.dtype],
+        native.dtype_code(model.dtype),
         base.data_ptr(),
-        _DTYPES[base.dtype],
+        native.dtype_code(base.dtype),
         length,
         kl.data_ptr(),
         None if drawn is None else drawn.contiguous().data_ptr(),

@@ -69,7 +69,7 @@ class Cut:
 
 
 # (start, end, base block as float32) -> float32 keys of that block
-KeyFn = Callable[[int, int, torch.Tensor], torch.Tensor]
+KeyFn = Callable[[int, int, "torch.Tensor"], "torch.Tensor"]
 
 
 @dataclass
@@ -181,7 +181,7 @@ class _Tally:
 
 
 Tallies = dict[tuple[int, int], _Tally]
-Found = dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]]
+Found = dict[tuple[int, int], list[tuple["torch.Tensor", "torch.Tensor"]]]
 
 
 def _sweep(

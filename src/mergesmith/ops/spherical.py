@@ -17,7 +17,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 
 from mergesmith.native import whole
 from mergesmith.ops.blocks import BLOCK
@@ -45,7 +44,7 @@ def _chunk_sums(products: torch.Tensor, width: int) -> torch.Tensor:
     """(rows, m) -> (rows, ceil(m / width)): each chunk's tree sum, the last chunk zero-padded."""
     rows, m = products.shape
     chunks = -(-m // width)
-    padded = F.pad(products, (0, chunks * width - m))
+    padded = torch.nn.functional.pad(products, (0, chunks * width - m))
     return _halving_sum(padded.reshape(rows, chunks, width))
 
 
@@ -54,7 +53,7 @@ def _total(chunk_sums: torch.Tensor) -> torch.Tensor:
     slots = 1
     while slots < chunk_sums.shape[1]:
         slots *= 2
-    return _halving_sum(F.pad(chunk_sums, (0, slots - chunk_sums.shape[1])))
+    return _halving_sum(torch.nn.functional.pad(chunk_sums, (0, slots - chunk_sums.shape[1])))
 
 
 def pairs(n: int) -> list[tuple[int, int]]:

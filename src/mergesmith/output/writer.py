@@ -63,10 +63,11 @@ class TensorWriter:
             self.close()
             raise
 
-    def write(self, name: str, tensor: torch.Tensor) -> int:
-        """Place one tensor; returns the CRC-32 of its bytes for the progress journal."""
+    def write(self, name: str, tensor: torch.Tensor | memoryview | bytearray) -> int:
+        """Place one tensor (or its bytes); returns the CRC-32 of its bytes for the progress
+        journal."""
         place = self.layout.placements[name]
-        data = memoryview(tensor.contiguous().reshape(-1).view(_byte_dtype()).numpy())
+        data = tensor_bytes(tensor)
         if data.nbytes != place.length:
             raise RuntimeError(f"{name}: {data.nbytes} bytes computed, {place.length} planned")
         path = self.folder / self.layout.shards[place.shard].file_name
@@ -106,10 +107,13 @@ class TensorWriter:
             os.close(fd)
 
 
-def _byte_dtype():
+def tensor_bytes(tensor: torch.Tensor | memoryview | bytearray) -> memoryview:
+    """A tensor's bytes, in order; bytes (the kernel route's results) as they are."""
+    if isinstance(tensor, (memoryview, bytearray)):
+        return memoryview(tensor).cast("B")
     import torch
 
-    return torch.uint8
+    return memoryview(tensor.contiguous().reshape(-1).view(torch.uint8).numpy())
 
 
 def _reserve(fd: int, size: int, path: Path) -> None:

@@ -135,6 +135,18 @@ class SafetensorsSource(ModelSource):
             meta.shape
         )
 
+    def buffer(self, name: str) -> memoryview | bytearray:
+        """A tensor's bytes without torch: a writable view of the mapped file (private, so
+        writes never reach it), or a copy where the tensor is not aligned to its item size."""
+        meta = self.tensors[name]
+        path, offset, length = self._entries[name]
+        if length == 0:
+            return bytearray()
+        mapped = self._map(path)
+        if offset % ITEMSIZE[meta.dtype]:
+            return bytearray(mapped[offset : offset + length])
+        return memoryview(mapped)[offset : offset + length]
+
     def prefetch(self, name: str) -> None:
         path, offset, length = self._entries[name]
         if not length or not hasattr(mmap, "MADV_WILLNEED"):
