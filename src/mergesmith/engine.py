@@ -10,6 +10,7 @@ page cache reads the disk and computes at the same time.
 from __future__ import annotations
 
 import ctypes
+import functools
 import gc
 import math
 import sys
@@ -171,12 +172,13 @@ def _input_bytes(job: TensorJob, sources: Mapping[str, ModelSource]) -> int:
 def run_jobs(
     plan: Plan,
     sources: Mapping[str, ModelSource],
-    write: Callable[[TensorJob, torch.Tensor], None],
+    write: Callable[[TensorJob, torch.Tensor | memoryview], None],
     options: EngineOptions,
     jobs: list[TensorJob] | None = None,
     on_done: Callable[[TensorJob], None] | None = None,
 ) -> None:
-    """Run `jobs` (default: all of the plan's); `write` is called from worker threads, and
+    """Run `jobs` (default: all of the plan's); `write` is called from worker threads with
+    each result (a tensor, or its bytes where the kernel route computed it), and
     `on_done` after each job that succeeded, one job at a time (so a caller counting progress
     needs no lock of its own)."""
     todo = _run_order(plan.jobs if jobs is None else jobs)
@@ -216,16 +218,18 @@ def run_jobs(
     # The hints run as far ahead as the budget lets jobs hold memory.
     readahead = _ReadAhead(todo, sources, budget.limit or 0)
 
-    device = torch.device(options.device) if route is None else None
+    if route is not None:
+        result_of = functools.partial(route.compute, allow_nonfinite=options.allow_nonfinite)
+    else:
+        device = torch.device(options.device)
+
+        def result_of(job: TensorJob) -> torch.Tensor:
+            return compute(plan.method, job, sources, device, options.allow_nonfinite)
 
     def run_one(job: TensorJob) -> None:
         readahead.job_started(job)
         try:
-            if route is not None:
-                write(job, route.compute(job, options.allow_nonfinite))
-            else:
-                assert device is not None
-                write(job, compute(plan.method, job, sources, device, options.allow_nonfinite))
+            write(job, result_of(job))
         finally:
             _release(job, sources)
 

@@ -84,11 +84,11 @@ class KernelRoute:
         # The plain sum's divisor is a float32 sum of the weights in torch's order.
         return not (settings["normalize"] and settings["consensus_method"] is None)
 
-    def compute(self, job: TensorJob, allow_nonfinite: bool = False) -> memoryview | bytearray:
+    def compute(self, job: TensorJob, allow_nonfinite: bool = False) -> memoryview:
         """The job's output tensor as bytes. Unless `allow_nonfinite`, NaN or Inf in it is a
         MergeError naming the input that holds them, as engine.compute says it."""
         if job.copy_only:
-            return self._buffer(job.inputs[0])
+            return memoryview(self._buffer(job.inputs[0]))
         assert job.base is not None
         base = self._buffer(job.base)
         models = [self._buffer(inp) for inp in job.inputs]
