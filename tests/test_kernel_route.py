@@ -168,7 +168,7 @@ def test_count_nonfinite_agrees_with_torch(dtype):
     where = torch.randperm(5000, generator=generator)[:37]
     mixed[where] = specials[torch.arange(37) % 3]
     for tensor in (values, specials, mixed, torch.cat([values, mixed, specials])):
-        lib = native._loaded()
+        lib = native.loaded()
         found = lib.ms_count_nonfinite(
             tensor.data_ptr(), native.dtype_code(tensor.dtype), tensor.numel()
         )
@@ -189,3 +189,20 @@ def test_the_route_copies_integer_buffers(tmp_path):
     direct = _merged(recipe, kernel_route=True)
     assert direct == _merged(recipe, kernel_route=False)
     assert direct["model.rotary.positions"] == bytes(tensor_bytes(torch.arange(40) * 3))
+
+
+@pytest.mark.parametrize("out_dtype", ["float32", "float16", "bfloat16"])
+def test_the_kernel_route_converts_as_the_torch_path_does(out_dtype, family, tmp_path):
+    """float32 inputs (the shared family) merged into each dtype the kernels write."""
+    base, finetunes = family
+    listed = "".join(
+        f"  - model: {m}\n    parameters:\n      density: 0.6\n      weight: 0.4\n"
+        for m in finetunes
+    )
+    recipe = write_recipe(
+        tmp_path,
+        f"merge_method: dare_ties\nbase_model: {base}\nmodels:\n{listed}dtype: {out_dtype}\n",
+    )
+    plan, sources = prepare(recipe)
+    assert route_for(plan, sources, plan.jobs, "cpu") is not None
+    assert _merged(recipe, kernel_route=True) == _merged(recipe, kernel_route=False)

@@ -595,4 +595,4 @@ def test_crc32_kernel_folds_where_the_cpu_can() -> None:
         pytest.skip("the carry-less path is x86-64 only")
     flags = set(cpuinfo.read_text().split())
     expected = {"pclmulqdq", "sse4_1"} <= flags
-    assert bool(native._loaded().ms_crc32_uses_clmul()) == expected
+    assert bool(native.loaded().ms_crc32_uses_clmul()) == expected

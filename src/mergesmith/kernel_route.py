@@ -27,7 +27,6 @@ from mergesmith import native
 from mergesmith.dtypes import ITEMSIZE
 from mergesmith.engine import nonfinite_input, too_large
 from mergesmith.methods.task_arithmetic import (
-    _DRAWN_KINDS,
     FAMILY,
     ModelPlan,
     as_rows,
@@ -60,7 +59,7 @@ class KernelRoute:
     def __init__(self, plan: Plan, sources: Mapping[str, ModelSource]) -> None:
         self.plan = plan
         self.sources = sources
-        self.lib = native._loaded()
+        self.lib = native.loaded()
 
     def takes(self, job: TensorJob) -> bool:
         """Whether this route computes `job`."""
@@ -79,7 +78,7 @@ class KernelRoute:
         settings = self._settings(job)
         if _SPARSIFIERS[row.sparsifier] and not settings["rescale"]:
             return False
-        if row.sparsifier == "della_magprune" and as_rows(job.shape)[1] < 2:
+        if row.sparsifier == "della_magprune" and not 1 < as_rows(job.shape)[1] < 1 << 31:
             return False  # one entry a row has no rank: the torch code handles it
         # The plain sum's divisor is a float32 sum of the weights in torch's order.
         return not (settings["normalize"] and settings["consensus_method"] is None)
@@ -173,7 +172,6 @@ class KernelRoute:
         drawn while measuring, or None where the plan measures nothing."""
         if not plan.rescale or plan.kind is None or plan.keep_none:
             return None
-        assert plan.kind in _DRAWN_KINDS
         mask = _Bits((min(block, n) + 7) // 8, -(-n // block))
         counted_total, counted_kept = native.NativeSum(), native.NativeSum()
         threshold = keep_threshold(plan.density)

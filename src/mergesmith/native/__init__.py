@@ -156,8 +156,8 @@ def _load() -> ctypes.CDLL | None:
     return lib
 
 
-def _loaded() -> ctypes.CDLL:
-    """The library, for callers that checked `handles` first."""
+def loaded() -> ctypes.CDLL:
+    """The library, for callers that checked `handles` (or `available`) first."""
     lib = _library()
     assert lib is not None, "a kernel was called where handles() said the torch code runs"
     return lib
@@ -220,7 +220,7 @@ def family_block(
         int(lambda_ != 1),
         lambda_,
     )
-    _combine_into(_loaded().ms_family_block, arguments, out)
+    _combine_into(loaded().ms_family_block, arguments, out)
 
 
 def linear_block(
@@ -245,7 +245,7 @@ def linear_block(
         int(normalize),
         total,
     )
-    _combine_into(_loaded().ms_linear_block, arguments, out)
+    _combine_into(loaded().ms_linear_block, arguments, out)
 
 
 def _combine_into(kernel, arguments: tuple, out: torch.Tensor) -> None:
@@ -276,7 +276,7 @@ def bracket_sweep(
     """Over all of |model - base| (negated when descending): counts below lo, equal to lo and
     equal to hi (those two also per block of `block` entries), and the keys strictly between
     with their flat indices, in index order. None when a key is NaN (the keys have no order)."""
-    lib = _loaded()
+    lib = loaded()
     n = base.numel()
     blocks = max(1, -(-n // block))
     capacity = min(n, max(4096, n // 32))
@@ -322,7 +322,7 @@ def sample_keys(
     base: torch.Tensor, model: torch.Tensor, descending: bool, size: int
 ) -> torch.Tensor:
     """The keys at min(n, size) evenly spaced positions (those of rank_cut.sample_positions)."""
-    lib = _loaded()
+    lib = loaded()
     count = min(base.numel(), size)
     sample = torch.empty(count, dtype=torch.float32)
     lib.ms_sample_keys(
@@ -348,7 +348,7 @@ def stream_keep(
         probability = probability.reshape(-1).contiguous()
         assert probability.dtype == torch.float32 and probability.numel() == count
     pointer = None if probability is None else probability.data_ptr()
-    _loaded().ms_stream_keep(key, start, count, threshold, pointer, keep.data_ptr())
+    loaded().ms_stream_keep(key, start, count, threshold, pointer, keep.data_ptr())
     return keep
 
 
@@ -367,7 +367,7 @@ def stream_measure(
     to `total` and the same with the entries ops.stream drops (draw >= threshold) zeroed to
     `kept`, exactly, and packs that keep mask into `bits` (uint8, as pack_mask packs it)."""
     assert bits.dtype == torch.uint8 and bits.numel() >= (end - start + 7) // 8
-    _loaded().ms_stream_measure(
+    loaded().ms_stream_measure(
         base.data_ptr(),
         dtype_code(base.dtype),
         model.data_ptr(),
@@ -387,7 +387,7 @@ def exact_sum(values: torch.Tensor) -> ExactSum:
     values = values.reshape(-1).contiguous()
     assert values.dtype == torch.float32 and values.device.type == "cpu"
     counts = NativeSum()
-    _loaded().ms_exact_sum(values.data_ptr(), values.numel(), ctypes.byref(counts))
+    loaded().ms_exact_sum(values.data_ptr(), values.numel(), ctypes.byref(counts))
     total = ExactSum()
     counts.add_to(total)
     return total
@@ -403,7 +403,7 @@ def della_keep(
     assert magnitude.dtype == torch.float32 and 1 < width < 1 << 31
     magnitude = magnitude.contiguous()
     keep = torch.empty(rows * width, dtype=torch.float32)
-    kernel = _loaded().ms_della_keep
+    kernel = loaded().ms_della_keep
     if kernel(magnitude.data_ptr(), rows, width, key, start, scale, offset, keep.data_ptr()):
         raise KernelError("no memory for the kernel's scratch buffers")
     return keep
@@ -428,7 +428,7 @@ def della_measure(
     packs it)."""
     assert 1 < width < 1 << 31 and (end - start) % width == 0
     assert bits.dtype == torch.uint8 and bits.numel() >= (end - start + 7) // 8
-    failed = _loaded().ms_della_measure(
+    failed = loaded().ms_della_measure(
         base.data_ptr(),
         dtype_code(base.dtype),
         model.data_ptr(),
@@ -480,7 +480,7 @@ def kernel_crc32(data: memoryview | bytes, crc: int = 0, *, portable: bool = Fal
     any length, reading `data` in place."""
     import numpy as np
 
-    lib = _loaded()
+    lib = loaded()
     kernel = lib.ms_crc32_portable if portable else lib.ms_crc32
     view = memoryview(data)
     if view.nbytes == 0:
