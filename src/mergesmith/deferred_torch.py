@@ -1,8 +1,8 @@
 """Loading torch on first use instead of at import, for the `mergesmith` command.
 
-Importing torch takes about a second, half of a merge of two 220M-parameter models, and a
-merge that runs entirely in the C kernels (the kernel route, `mergesmith.kernel_route`) never needs
-it. Every module of the package still writes a plain `import torch`: `defer()` puts a
+Importing torch takes about a second, half of a DARE-TIES merge of 220M-parameter models, and
+a merge that runs entirely in the C kernels (the kernel route, `mergesmith.kernel_route`) never
+needs it. Every module of the package still writes a plain `import torch`: `defer()` puts a
 placeholder module in `sys.modules` that the import statement binds, and the first attribute
 looked up on it (`torch.float32`, `torch.Tensor`) imports the real torch, then copies its
 namespace into the placeholder so that later lookups cost what they cost on torch itself.
@@ -10,7 +10,7 @@ namespace into the placeholder so that later lookups cost what they cost on torc
 Only the command calls `defer()`, before anything imports torch: a program that imports
 mergesmith as a library gets torch as it always does. Module-level code of the package must
 not look anything up on torch (a default argument `torch.float32`, a constant tensor), or
-every run loads it at import; tests/test_direct_route.py runs a merge and checks that it
+every run loads it at import; tests/test_kernel_route.py runs a merge and checks that it
 did not.
 """
 
