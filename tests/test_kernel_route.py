@@ -3,6 +3,8 @@ engine's torch-based path, and the command's deferred import of torch."""
 
 from __future__ import annotations
 
+import math
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +18,7 @@ from mergesmith.api import prepare
 from mergesmith.engine import EngineOptions, run_jobs
 from mergesmith.errors import MergeError
 from mergesmith.kernel_route import route_for
+from mergesmith.ops.float32_sum import float32_sum
 from mergesmith.output.writer import tensor_bytes
 from mergesmith.toymodels import ToyShape, make_family
 from tests.conftest import write_recipe
@@ -46,11 +49,21 @@ RECIPES = {
         True,
     ),
     "task_arithmetic": ("task_arithmetic", "weight: 0.9", "lambda: 0.8", True),
-    # The plain sum's divisor is a float32 sum of the weights in torch's own order.
-    "task_arithmetic_normalized": ("task_arithmetic", "weight: 0.9", "normalize: true", False),
+    # The plain sum's divisor: the weights' float32 sum in torch's order (ops.float32_sum).
+    "task_arithmetic_normalized": ("task_arithmetic", "weight: 0.9", "normalize: true", True),
+    "dare_linear_normalized": (
+        "dare_linear",
+        "density: 0.7\n      weight: 0.3",
+        "normalize: true",
+        True,
+    ),
+    "linear": ("linear", "weight: 0.35", "normalize: true", True),
+    "linear_sum": ("linear", "weight: 0.2", "normalize: false", True),
     # Magnitude ranks, and DELLA's masks without the measuring pass, come from torch.
     "ties": ("ties", "density: 0.5\n      weight: 0.5", "normalize: true", False),
     "della_no_rescale": ("della", "density: 0.5\n      weight: 0.6", "rescale: false", False),
+    # Methods outside the family and linear.
+    "model_stock": ("model_stock", "weight: 1.0", "filter_wise: false", False),
 }
 
 
@@ -66,8 +79,12 @@ def _recipe(folder: Path, models: tuple[Path, list[Path]], case: str) -> Path:
     method, params, settings, _ = RECIPES[case]
     base, finetunes = models
     listed = "".join(f"  - model: {m}\n    parameters:\n      {params}\n" for m in finetunes)
+    # linear has no base: the base model is one more input there.
+    head = f"base_model: {base}\n" if method != "linear" else ""
+    if method == "linear":
+        listed = f"  - model: {base}\n    parameters:\n      weight: 0.1\n" + listed
     text = (
-        f"merge_method: {method}\nbase_model: {base}\nmodels:\n{listed}"
+        f"merge_method: {method}\n{head}models:\n{listed}"
         f"parameters:\n  {settings}\ndtype: bfloat16\n"
     )
     return write_recipe(folder, text, f"{case}.yml")
@@ -206,3 +223,24 @@ def test_the_kernel_route_converts_as_the_torch_path_does(out_dtype, family, tmp
     plan, sources = prepare(recipe)
     assert route_for(plan, sources, plan.jobs, "cpu") is not None
     assert _merged(recipe, kernel_route=True) == _merged(recipe, kernel_route=False)
+
+
+def test_float32_sum_adds_in_torchs_order():
+    """Against torch itself: values of every scale, signed zeros, infinities and NaN, from 0 to
+    12 of them (8 and more are torch's own sum)."""
+    rng = random.Random(5)
+    specials = [0.0, -0.0, 1e-45, -1e-45, 3.4e38, -3.4e38, 3.4028235e38, math.inf, -math.inf]
+    scales = [1, 1e-8, 1e8, 3.3, 1e-3, 7e5, 1e30, 1e-38]
+    for _ in range(20000):
+        values = [
+            rng.choice(specials) if rng.random() < 0.1 else rng.choice(scales) * rng.uniform(-1, 1)
+            for _ in range(rng.randint(0, 12))
+        ]
+        if rng.random() < 0.01:
+            values.append(math.nan)
+        expected = float(torch.tensor(values, dtype=torch.float32).sum())
+        got = float32_sum(values)
+        if math.isnan(expected):
+            assert math.isnan(got), values
+        else:
+            assert (got, math.copysign(1, got)) == (expected, math.copysign(1, expected)), values

@@ -8,12 +8,14 @@ engine computes each one here, and the `mergesmith` command (which defers import
 see deferred_torch) never loads it.
 
 A tensor qualifies when its inputs are safetensors files on this machine (no adapter, no crop,
-no vocabulary re-indexing) in a dtype the kernels read, and it is either copied (integer
-buffers) or merged by a task-vector method whose sparsifier needs no ranking by torch: none,
-DARE's random drop, or DELLA's with `rescale` (the kernel ranks within rows while measuring).
-The steps are those of methods.task_arithmetic.merge_task_vectors on its C kernel path, the
-per-model decisions come from its ModelPlan, and the bytes are the same: tests hold the two
-routes to each other (tests/test_kernel_route.py).
+no vocabulary re-indexing) in a dtype the kernels read, and it is copied (integer buffers),
+merged by `linear`, or merged by a task-vector method whose sparsifier needs no ranking by
+torch: none, DARE's random drop, or DELLA's with `rescale` (the kernel ranks within rows while
+measuring). A normalized plain sum also needs fewer than 8 models: its divisor is the weights'
+float32 sum in torch's order (ops.float32_sum). The steps are those of the methods' C kernel
+paths (methods.linear, methods.task_arithmetic.merge_task_vectors, whose ModelPlan makes each
+model's decisions here too), and the bytes are the same: tests hold the two routes to each
+other (tests/test_kernel_route.py).
 """
 
 from __future__ import annotations
@@ -32,9 +34,11 @@ from mergesmith.methods.task_arithmetic import (
     as_rows,
     block_size_for,
     model_plans,
+    summed_weight,
 )
 from mergesmith.ops.blocks import block_ranges
 from mergesmith.ops.exact_sum import ExactSum
+from mergesmith.ops.float32_sum import SCALAR_LIMIT, float32_sum
 from mergesmith.ops.sparsify import RESCALE_EPS
 from mergesmith.ops.stream import keep_threshold
 from mergesmith.plan import Plan, TensorInput, TensorJob
@@ -68,33 +72,40 @@ class KernelRoute:
             return False
         if job.copy_only:
             return True
-        if not all(self._kernel_dtype(self._meta(inp).dtype) for inp in inputs):
+        name = self.plan.method.name
+        row = FAMILY.get(name)
+        if name != "linear" and (row is None or row.sparsifier not in _SPARSIFIERS):
             return False
-        row = FAMILY.get(self.plan.method.name)
-        if row is None or job.base is None or not job.inputs:
-            return False
-        if not self._kernel_dtype(job.dtype) or row.sparsifier not in _SPARSIFIERS:
+        kernel_dtypes = [self._meta(inp).dtype for inp in inputs] + [job.dtype]
+        if not job.inputs or not all(map(self._kernel_dtype, kernel_dtypes)):
             return False
         settings = self._settings(job)
-        if _SPARSIFIERS[row.sparsifier] and not settings["rescale"]:
+        # A normalized plain sum divides by the weights' float32 sum, which float32_sum takes
+        # from torch from SCALAR_LIMIT weights on.
+        plain_divisor = settings["normalize"] and settings.get("consensus_method") is None
+        if plain_divisor and len(job.inputs) >= SCALAR_LIMIT:
             return False
-        if row.sparsifier == "della_magprune" and not 1 < as_rows(job.shape)[1] < 1 << 31:
-            return False  # one entry a row has no rank: the torch code handles it
-        # The plain sum's divisor is a float32 sum of the weights in torch's order.
-        return not (settings["normalize"] and settings["consensus_method"] is None)
+        if row is None:
+            return job.base is None  # linear: a base is one more input
+        if job.base is None or (_SPARSIFIERS[row.sparsifier] and not settings["rescale"]):
+            return False
+        # One entry a row has no rank: the torch code handles it.
+        return row.sparsifier != "della_magprune" or 1 < as_rows(job.shape)[1] < 1 << 31
 
     def compute(self, job: TensorJob, allow_nonfinite: bool = False) -> memoryview:
         """The job's output tensor as bytes. Unless `allow_nonfinite`, NaN or Inf in it is a
         MergeError naming the input that holds them, as engine.compute says it."""
         if job.copy_only:
             return memoryview(self._buffer(job.inputs[0]))
-        assert job.base is not None
-        base = self._buffer(job.base)
+        base = None if job.base is None else self._buffer(job.base)
         models = [self._buffer(inp) for inp in job.inputs]
         # Pages the kernel faults in as it writes them: a bytearray would write zeros first.
         out = mmap.mmap(-1, job.numel * ITEMSIZE[job.dtype])
         addresses = _Addresses(base, models, out)
-        self._merge(job, addresses)
+        if self.plan.method.name == "linear":
+            self._linear(job, addresses)
+        else:
+            self._merge(job, addresses)
         code = native.KERNEL_DTYPES[job.dtype]
         if not allow_nonfinite and self.lib.ms_count_nonfinite(addresses.out, code, job.numel):
             self._name_nonfinite_input(job, addresses)
@@ -102,11 +113,37 @@ class KernelRoute:
         del addresses
         return memoryview(out)
 
+    def _linear(self, job: TensorJob, at: _Addresses) -> None:
+        """methods.linear's kernel path: the weighted sum, block by block."""
+        settings = self._settings(job)
+        weights = [float(w) for w in settings["weight"]]
+        k = len(weights)
+        pointers = (ctypes.c_void_p * k)(*at.models)
+        dtypes = (ctypes.c_int32 * k)(*(self._code(inp) for inp in job.inputs))
+        floats = (ctypes.c_float * k)(*weights)
+        total = float32_sum(weights) if settings["normalize"] else 1.0
+        for _, start, end in block_ranges(job.numel):
+            status = self.lib.ms_linear_block(
+                pointers,
+                dtypes,
+                floats,
+                k,
+                start,
+                end - start,
+                int(settings["normalize"]),
+                total,
+                at.out,
+                native.KERNEL_DTYPES[job.dtype],
+            )
+            if status != 0:
+                raise native.KernelError("no memory for the kernel's scratch buffers")
+
     def _merge(self, job: TensorJob, at: _Addresses) -> None:
         """merge_task_vectors' kernel path: measure `rescale`, then combine block by block."""
         settings = self._settings(job)
         k, n = len(job.inputs), job.numel
         sparsifier = settings["sparsifier"]
+        assert at.base is not None
         plans = model_plans(
             k,
             sparsifier,
@@ -148,7 +185,7 @@ class KernelRoute:
                 end - start,
                 native.CONSENSUS[settings["consensus_method"]],
                 int(settings["normalize"]),
-                1.0,  # the plain divisor, unused: takes() leaves that case to torch
+                summed_weight(weights),
                 int(lambda_ != 1),
                 lambda_,
                 at.out,
@@ -218,8 +255,9 @@ class KernelRoute:
 
     def _name_nonfinite_input(self, job: TensorJob, at: _Addresses) -> None:
         """Raise naming the first input (base first) holding NaN or Inf, if any."""
-        assert job.base is not None
-        pairs = zip((job.base, *job.inputs), (at.base, *at.models), strict=True)
+        pairs = list(zip(job.inputs, at.models, strict=True))
+        if job.base is not None and at.base is not None:
+            pairs.insert(0, (job.base, at.base))
         for inp, address in pairs:
             if self.lib.ms_count_nonfinite(address, self._code(inp), self._meta(inp).numel):
                 raise nonfinite_input(inp)
@@ -251,12 +289,16 @@ class _Addresses:
 
     def __init__(
         self,
-        base: memoryview | bytearray,
+        base: memoryview | bytearray | None,
         models: list[memoryview | bytearray],
         out: mmap.mmap,
     ) -> None:
-        self._views = [ctypes.c_char.from_buffer(b) for b in (base, *models, out)]
-        self.base, *self.models, self.out = (ctypes.addressof(v) for v in self._views)
+        self._views = [ctypes.c_char.from_buffer(b) for b in (*models, out)]
+        *self.models, self.out = (ctypes.addressof(v) for v in self._views)
+        self.base: int | None = None
+        if base is not None:
+            self._views.append(ctypes.c_char.from_buffer(base))
+            self.base = ctypes.addressof(self._views[-1])
 
 
 class _Bits:

@@ -10,6 +10,7 @@ import torch
 from mergesmith import native
 from mergesmith.methods.registry import INPUT, Param, PerModel, blocked, merge_method
 from mergesmith.ops.blocks import block_ranges
+from mergesmith.ops.float32_sum import float32_sum
 
 
 @merge_method(
@@ -37,7 +38,7 @@ def linear(
     flats = [m.reshape(-1) for m in models]
     out = torch.empty(first.numel(), dtype=out_dtype, device=first.device)
     weights = [float(w) for w in weight]
-    total = float(torch.tensor(weights, dtype=torch.float32).sum())
+    total = float32_sum(weights)
     fused = native.handles(*flats, out)
     for _, start, end in block_ranges(first.numel()):
         if fused:

@@ -31,6 +31,7 @@ from mergesmith.ops import stream
 from mergesmith.ops.blocks import BLOCK, block_ranges
 from mergesmith.ops.consensus import disjoint_merge
 from mergesmith.ops.exact_sum import ExactSum
+from mergesmith.ops.float32_sum import float32_sum
 from mergesmith.ops.rank_cut import (
     SAMPLE,
     Cut,
@@ -163,7 +164,7 @@ def model_plans(
 def summed_weight(weights: Sequence[float]) -> float:
     """The weights' sum as the plain (no consensus) combination divides by it: in float32,
     as mergekit sums them, and 1 where that is nearly 0."""
-    total = float(torch.tensor(list(weights), dtype=torch.float32).sum())
+    total = float32_sum(weights)
     return 1.0 if abs(total) < 1e-8 else total
 
 
