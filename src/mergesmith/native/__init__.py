@@ -18,6 +18,7 @@ from functools import cache
 
 import torch
 
+from mergesmith.dtypes import to_torch
 from mergesmith.native.status import kernel_status
 from mergesmith.ops.exact_sum import UNIT_EXPONENT, ExactSum
 
@@ -82,8 +83,9 @@ class NativeSum(ctypes.Structure):
 
 @cache
 def _torch_codes() -> dict[torch.dtype, int]:
-    # Built on first use: looking up torch.float32 at import would load torch (deferred_torch).
-    return {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+    """KERNEL_DTYPES by torch dtype, built on first use: looking torch dtypes up at import
+    would load torch (deferred_torch)."""
+    return {to_torch(name): code for name, code in KERNEL_DTYPES.items()}
 
 
 def dtype_code(dtype: torch.dtype) -> int:
