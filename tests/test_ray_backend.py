@@ -285,14 +285,15 @@ def test_an_interrupted_driver_then_resume_gives_identical_output(
     ray_cluster, slow_merge: dict[str, Path], tmp_path: Path
 ) -> None:
     ray = ("--backend", "ray", "--address", ray_cluster.address, "--seed", str(SEED))
-    for attempt in range(2):
+    for attempt in range(3):
         out = tmp_path / f"merged{attempt}"
         # start_merge runs one task at a time (--threads 1), so there is time to interrupt.
         proc = start_merge(slow_merge["recipe"], out, *ray, "--task-size", "1MB")
         err = interrupt(proc, out, signal.SIGINT, after=20)
         # Ray 2.x's core worker in the driver now and then aborts on an early task's reply with
-        # this check failure (about one run in three here, with or without an interrupt
-        # pending); it is Ray's bug, not ours, so that one signature earns a second attempt.
+        # this check failure (with or without an interrupt pending; rare alone, more often late
+        # in the whole suite, where it once hit two attempts in a row); it is Ray's bug, not
+        # ours, so that one signature earns another attempt.
         if RAY_PENDING_TASK_BUG not in err:
             break
     assert proc.returncode == 130, err
