@@ -124,8 +124,9 @@ def test_the_kernel_route_gives_the_torch_paths_bytes(case, models, tmp_path):
 
 def test_the_command_never_imports_torch_for_a_kernel_route_merge(models, tmp_path):
     """The deferred import as the command sets it up: a DARE-TIES merge leaves torch unloaded
-    and gives the bytes of an in-process merge that has it; TIES needs torch, which is then
-    loaded on first use, submodules and all."""
+    and gives the bytes of an in-process merge that has it, with 3 fine-tunes and with 9 (more
+    weights than ops.float32_sum adds without torch, which only a plain sum needs); TIES needs
+    torch, which is then loaded on first use, submodules and all."""
     script = (
         "import sys\n"
         "from mergesmith import deferred_torch\n"
@@ -134,9 +135,14 @@ def test_the_command_never_imports_torch_for_a_kernel_route_merge(models, tmp_pa
         "merge(sys.argv[1], sys.argv[2])\n"
         "print(deferred_torch.loaded())\n"
     )
-    for case, loads in (("dare_ties", "False"), ("ties", "True")):
-        out = tmp_path / f"out-{case}"
-        recipe = _recipe(tmp_path, models, case)
+    nine = make_family(tmp_path / "nine", 9, ToyShape(), dtype=torch.bfloat16)
+    for case, family, loads in (
+        ("dare_ties", models, "False"),
+        ("dare_ties", nine, "False"),
+        ("ties", models, "True"),
+    ):
+        out = tmp_path / f"out-{case}-{len(family[1])}"
+        recipe = _recipe(tmp_path, family, case)
         done = subprocess.run(
             [sys.executable, "-c", script, str(recipe), str(out)],
             capture_output=True,

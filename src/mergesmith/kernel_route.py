@@ -33,13 +33,13 @@ from mergesmith.methods.task_arithmetic import (
     ModelPlan,
     as_rows,
     block_size_for,
+    mask_layout,
     model_plans,
     summed_weight,
 )
 from mergesmith.ops.blocks import block_ranges
 from mergesmith.ops.exact_sum import ExactSum
 from mergesmith.ops.float32_sum import SCALAR_LIMIT, float32_sum
-from mergesmith.ops.sparsify import RESCALE_EPS
 from mergesmith.ops.stream import keep_threshold
 from mergesmith.plan import Plan, TensorInput, TensorJob
 from mergesmith.sources.base import ModelSource, TensorMeta
@@ -63,7 +63,7 @@ class KernelRoute:
     def __init__(self, plan: Plan, sources: Mapping[str, ModelSource]) -> None:
         self.plan = plan
         self.sources = sources
-        self.lib = native.loaded()
+        self.has_f16 = bool(native.loaded().ms_has_f16())
 
     def takes(self, job: TensorJob) -> bool:
         """Whether this route computes `job`."""
@@ -97,55 +97,38 @@ class KernelRoute:
         MergeError naming the input that holds them, as engine.compute says it."""
         if job.copy_only:
             return memoryview(self._buffer(job.inputs[0]))
-        base = None if job.base is None else self._buffer(job.base)
-        models = [self._buffer(inp) for inp in job.inputs]
         # Pages the kernel faults in as it writes them: a bytearray would write zeros first.
         out = mmap.mmap(-1, job.numel * ITEMSIZE[job.dtype])
-        addresses = _Addresses(base, models, out)
+        at = _Arrays(self, job, out)
         if self.plan.method.name == "linear":
-            self._linear(job, addresses)
+            self._linear(job, at)
         else:
-            self._merge(job, addresses)
-        code = native.KERNEL_DTYPES[job.dtype]
-        if not allow_nonfinite and self.lib.ms_count_nonfinite(addresses.out, code, job.numel):
-            self._name_nonfinite_input(job, addresses)
+            self._merge(job, at)
+        if not allow_nonfinite and native.count_nonfinite(at.out, job.numel):
+            self._name_nonfinite_input(job, at)
             raise too_large(job)
-        del addresses
+        del at
         return memoryview(out)
 
-    def _linear(self, job: TensorJob, at: _Addresses) -> None:
+    def _linear(self, job: TensorJob, at: _Arrays) -> None:
         """methods.linear's kernel path: the weighted sum, block by block."""
         settings = self._settings(job)
         weights = [float(w) for w in settings["weight"]]
-        k = len(weights)
-        pointers = (ctypes.c_void_p * k)(*at.models)
-        dtypes = (ctypes.c_int32 * k)(*(self._code(inp) for inp in job.inputs))
-        floats = (ctypes.c_float * k)(*weights)
-        total = float32_sum(weights) if settings["normalize"] else 1.0
+        normalize = settings["normalize"]
+        total = float32_sum(weights) if normalize else 1.0
         for _, start, end in block_ranges(job.numel):
-            status = self.lib.ms_linear_block(
-                pointers,
-                dtypes,
-                floats,
-                k,
-                start,
-                end - start,
-                int(settings["normalize"]),
-                total,
-                at.out,
-                native.KERNEL_DTYPES[job.dtype],
+            native.linear_block(
+                at.models, weights, start, end, normalize=normalize, total=total, out=at.out
             )
-            if status != 0:
-                raise native.KernelError("no memory for the kernel's scratch buffers")
 
-    def _merge(self, job: TensorJob, at: _Addresses) -> None:
+    def _merge(self, job: TensorJob, at: _Arrays) -> None:
         """merge_task_vectors' kernel path: measure `rescale`, then combine block by block."""
         settings = self._settings(job)
-        k, n = len(job.inputs), job.numel
+        n = job.numel
         sparsifier = settings["sparsifier"]
         assert at.base is not None
         plans = model_plans(
-            k,
+            len(job.inputs),
             sparsifier,
             settings["density"],
             settings["gamma"],
@@ -155,111 +138,87 @@ class KernelRoute:
         )
         block = block_size_for(job.shape, sparsifier)
         width = as_rows(job.shape)[1]
-        base_code = self._code(job.base)
-        codes = [self._code(inp) for inp in job.inputs]
         masks = [
-            self._measure(p, at.base, base_code, at.models[i], codes[i], n, block, width)
-            for i, p in enumerate(plans)
+            self._measure(p, at.base, model, n, block, width)
+            for p, model in zip(plans, at.models, strict=True)
         ]
         weights = [float(w) for w in settings["weight"]]
-        lambda_ = settings["lambda_"]
-        pointers = (ctypes.c_void_p * k)(*at.models)
-        dtypes = (ctypes.c_int32 * k)(*codes)
+        consensus, normalize = settings["consensus_method"], settings["normalize"]
+        # The kernel divides by it only for a normalized plain sum (takes() bounds its count).
+        plain_divisor = summed_weight(weights) if normalize and consensus is None else 1.0
         for number, start, end in block_ranges(n, block):
-            trims = (native.Trim * k)()
-            for i, (p, weight, mask) in enumerate(zip(plans, weights, masks, strict=True)):
-                trims[i] = p.native_trim(start, end, weight)
+            trims = []
+            for p, weight, mask in zip(plans, weights, masks, strict=True):
+                trim = p.native_trim(start, end, weight)
                 if mask is not None:
                     # What the torch path's plan does with the bits it kept from measuring.
-                    assert trims[i].mode in (native.TRIM_GIVEN, native.TRIM_RANDOM)
-                    trims[i].mode = native.TRIM_GIVEN_BITS
-                    trims[i].keep = mask.address + number * mask.block_bytes
-            status = self.lib.ms_family_block(
+                    assert trim.mode in (native.TRIM_GIVEN, native.TRIM_RANDOM)
+                    trim.mode = native.TRIM_GIVEN_BITS
+                    trim.keep = mask.block(number)
+                trims.append(trim)
+            native.family_block(
                 at.base,
-                base_code,
-                pointers,
-                dtypes,
-                k,
+                at.models,
                 trims,
                 start,
-                end - start,
-                native.CONSENSUS[settings["consensus_method"]],
-                int(settings["normalize"]),
-                summed_weight(weights),
-                int(lambda_ != 1),
-                lambda_,
-                at.out,
-                native.KERNEL_DTYPES[job.dtype],
+                end,
+                consensus=consensus,
+                normalize=normalize,
+                plain_divisor=plain_divisor,
+                lambda_=settings["lambda_"],
+                out=at.out,
             )
-            if status != 0:
-                raise native.KernelError("no memory for the kernel's scratch buffers")
 
     def _measure(
-        self,
-        plan: ModelPlan,
-        base: int,
-        base_code: int,
-        model: int,
-        model_code: int,
-        n: int,
-        block: int,
-        width: int,
+        self, plan: ModelPlan, base: native.Flat, model: native.Flat, n: int, block: int, width: int
     ) -> _Bits | None:
         """ModelPlan.measure_rescale's fused path: sets the plan's factor and returns the mask
         drawn while measuring, or None where the plan measures nothing."""
-        if not plan.rescale or plan.kind is None or plan.keep_none:
+        if not plan.measures:
             return None
-        mask = _Bits((min(block, n) + 7) // 8, -(-n // block))
+        mask = _Bits(*mask_layout(n, block))
         counted_total, counted_kept = native.NativeSum(), native.NativeSum()
         threshold = keep_threshold(plan.density)
         for number, start, end in block_ranges(n, block):
-            bits = mask.address + number * mask.block_bytes
             if plan.kind == "random":
-                self.lib.ms_stream_measure(
+                native.stream_measure(
                     base,
-                    base_code,
                     model,
-                    model_code,
                     start,
-                    end - start,
+                    end,
                     plan.seed,
                     threshold,
-                    ctypes.byref(counted_total),
-                    ctypes.byref(counted_kept),
-                    bits,
+                    mask.block(number),
+                    counted_total,
+                    counted_kept,
                 )
-                continue
-            status = self.lib.ms_della_measure(
-                base,
-                base_code,
-                model,
-                model_code,
-                start,
-                (end - start) // width,
-                width,
-                plan.seed,
-                2 * plan.epsilon,
-                plan.density - plan.epsilon,
-                ctypes.byref(counted_total),
-                ctypes.byref(counted_kept),
-                bits,
-            )
-            if status != 0:
-                raise native.KernelError("no memory for the kernel's scratch buffers")
+            else:
+                native.della_measure(
+                    base,
+                    model,
+                    start,
+                    end,
+                    width,
+                    plan.seed,
+                    2 * plan.epsilon,
+                    plan.density - plan.epsilon,
+                    mask.block(number),
+                    counted_total,
+                    counted_kept,
+                )
         total, kept = ExactSum(), ExactSum()
         counted_total.add_to(total)
         counted_kept.add_to(kept)
-        if total.value() >= RESCALE_EPS and kept.value() >= RESCALE_EPS:
-            plan.factor = total.ratio(kept)
+        plan.take_norms(total, kept)
         return mask
 
-    def _name_nonfinite_input(self, job: TensorJob, at: _Addresses) -> None:
+    def _name_nonfinite_input(self, job: TensorJob, at: _Arrays) -> None:
         """Raise naming the first input (base first) holding NaN or Inf, if any."""
         pairs = list(zip(job.inputs, at.models, strict=True))
         if job.base is not None and at.base is not None:
             pairs.insert(0, (job.base, at.base))
-        for inp, address in pairs:
-            if self.lib.ms_count_nonfinite(address, self._code(inp), self._meta(inp).numel):
+        for inp, array in pairs:
+            if native.count_nonfinite(array, self._meta(inp).numel):
                 raise nonfinite_input(inp)
 
     def _settings(self, job: TensorJob) -> dict[str, Any]:
@@ -272,11 +231,7 @@ class KernelRoute:
         return self.sources[inp.model].tensors[inp.name]
 
     def _kernel_dtype(self, dtype: str) -> bool:
-        return dtype in native.KERNEL_DTYPES and (dtype != "F16" or bool(self.lib.ms_has_f16()))
-
-    def _code(self, inp: TensorInput | None) -> int:
-        assert inp is not None
-        return native.KERNEL_DTYPES[self._meta(inp).dtype]
+        return dtype in native.KERNEL_DTYPES and (dtype != "F16" or self.has_f16)
 
     def _buffer(self, inp: TensorInput) -> memoryview | bytearray:
         source = self.sources[inp.model]
@@ -284,21 +239,22 @@ class KernelRoute:
         return source.buffer(inp.name)
 
 
-class _Addresses:
-    """Where a job's buffers start in memory; holding this keeps them exported."""
+class _Arrays:
+    """A job's inputs and output as the kernels see them; holding this keeps their buffers
+    exported (and so in place)."""
 
-    def __init__(
-        self,
-        base: memoryview | bytearray | None,
-        models: list[memoryview | bytearray],
-        out: mmap.mmap,
-    ) -> None:
-        self._views = [ctypes.c_char.from_buffer(b) for b in (*models, out)]
-        *self.models, self.out = (ctypes.addressof(v) for v in self._views)
-        self.base: int | None = None
-        if base is not None:
-            self._views.append(ctypes.c_char.from_buffer(base))
-            self.base = ctypes.addressof(self._views[-1])
+    def __init__(self, route: KernelRoute, job: TensorJob, out: mmap.mmap) -> None:
+        self._views: list[ctypes.c_char] = []
+        self.base = None if job.base is None else self._input(route, job.base)
+        self.models = [self._input(route, inp) for inp in job.inputs]
+        self.out = self._flat(out, native.KERNEL_DTYPES[job.dtype])
+
+    def _input(self, route: KernelRoute, inp: TensorInput) -> native.Flat:
+        return self._flat(route._buffer(inp), native.KERNEL_DTYPES[route._meta(inp).dtype])
+
+    def _flat(self, buffer: memoryview | bytearray | mmap.mmap, code: int) -> native.Flat:
+        self._views.append(ctypes.c_char.from_buffer(buffer))
+        return native.Flat(ctypes.addressof(self._views[-1]), code)
 
 
 class _Bits:
@@ -307,4 +263,7 @@ class _Bits:
     def __init__(self, block_bytes: int, blocks: int) -> None:
         self.block_bytes = block_bytes
         self._buffer = (ctypes.c_uint8 * (block_bytes * blocks))()
-        self.address = ctypes.addressof(self._buffer)
+
+    def block(self, number: int) -> int:
+        """Where block `number`'s bits start."""
+        return ctypes.addressof(self._buffer) + number * self.block_bytes

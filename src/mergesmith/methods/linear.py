@@ -43,7 +43,13 @@ def linear(
     for _, start, end in block_ranges(first.numel()):
         if fused:
             native.linear_block(
-                flats, weights, start, end, normalize=normalize, total=total, out=out
+                [native.flat(f) for f in flats],
+                weights,
+                start,
+                end,
+                normalize=normalize,
+                total=total,
+                out=native.flat(out),
             )
             continue
         # add(alpha=) is a fused multiply-add on FMA CPUs, as mergekit's addcmul_ is; starting

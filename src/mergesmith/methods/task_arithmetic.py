@@ -161,6 +161,12 @@ def model_plans(
     ]
 
 
+def mask_layout(n: int, block: int) -> tuple[int, int]:
+    """(bytes a block, blocks) of a mask kept as one bit an entry, each block's bits starting
+    on a byte of their own (a small tensor is one short block)."""
+    return (min(block, n) + 7) // 8, -(-n // block)
+
+
 def summed_weight(weights: Sequence[float]) -> float:
     """The weights' sum as the plain (no consensus) combination divides by it: in float32,
     as mergekit sums them, and 1 where that is nearly 0."""
@@ -196,8 +202,8 @@ class _Combine:
                     trim.mode = native.TRIM_GIVEN_BITS
             trims.append(trim)
         native.family_block(
-            self.base,
-            self.models,
+            native.flat(self.base),
+            [native.flat(m) for m in self.models],
             trims,
             start,
             end,
@@ -205,7 +211,7 @@ class _Combine:
             normalize=self.normalize,
             plain_divisor=self.plain_divisor,
             lambda_=self.lambda_,
-            out=self.out,
+            out=native.flat(self.out),
         )
 
     def with_torch(self, number: int, start: int, end: int) -> None:
@@ -410,11 +416,11 @@ class ModelPlan:
         self, base: torch.Tensor, model: torch.Tensor, n: int, block: int, shape2d: tuple[int, int]
     ) -> None:
         """L1 norms of the whole and of the kept delta, for `rescale`."""
-        if not self.rescale or self.kind is None or self.keep_none:
+        if not self.measures:
             return
         if self.kind in _DRAWN_KINDS and native.handles(base, model):
-            self.block_bytes = (min(block, n) + 7) // 8  # a small tensor is one short block
-            self.drawn_bits = torch.empty(self.block_bytes * -(-n // block), dtype=torch.uint8)
+            self.block_bytes, blocks = mask_layout(n, block)
+            self.drawn_bits = torch.empty(self.block_bytes * blocks, dtype=torch.uint8)
         fused_dare = self.kind == "random" and self.drawn_bits is not None
         # Rows of one entry have no rank spread: those go the general way.
         fused_della = (
@@ -427,28 +433,28 @@ class ModelPlan:
         for number, start, end in block_ranges(n, block):
             if fused_dare:
                 native.stream_measure(
-                    base,
-                    model,
+                    native.flat(base),
+                    native.flat(model),
                     start,
                     end,
                     self.seed,
                     threshold,
-                    self._drawn_block(number),
+                    native.bits_at(self._drawn_block(number), end - start),
                     counted_total,
                     counted_kept,
                 )
                 continue
             if fused_della:
                 native.della_measure(
-                    base,
-                    model,
+                    native.flat(base),
+                    native.flat(model),
                     start,
                     end,
                     shape2d[1],
                     self.seed,
                     2 * self.epsilon,
                     self.density - self.epsilon,
-                    self._drawn_block(number),
+                    native.bits_at(self._drawn_block(number), end - start),
                     counted_total,
                     counted_kept,
                 )
@@ -465,6 +471,16 @@ class ModelPlan:
                 kept.add(self.sparsify(d, start, shape2d).abs_())
         counted_total.add_to(total)
         counted_kept.add_to(kept)
+        self.take_norms(total, kept)
+
+    @property
+    def measures(self) -> bool:
+        """Whether `rescale` needs this model's norms (a pass before the combining one)."""
+        return self.rescale and self.kind is not None and not self.keep_none
+
+    def take_norms(self, total: ExactSum, kept: ExactSum) -> None:
+        """The rescale factor from the L1 norms of the whole and of the kept delta (1 where
+        either is about 0)."""
         if total.value() >= RESCALE_EPS and kept.value() >= RESCALE_EPS:
             self.factor = total.ratio(kept)
 

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass
 from functools import cache
+from typing import NamedTuple
 
 import torch
 
@@ -186,15 +187,33 @@ def handles(*tensors: torch.Tensor | None) -> bool:
     return True
 
 
-def _pointers(tensors: Sequence[torch.Tensor]) -> tuple[ctypes.Array, ctypes.Array]:
-    pointers = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
-    dtypes = (ctypes.c_int32 * len(tensors))(*(dtype_code(t.dtype) for t in tensors))
-    return pointers, dtypes
+class Flat(NamedTuple):
+    """A flat array as the kernels see it: where it starts, and its dtype's code."""
+
+    address: int
+    code: int
+
+
+def flat(tensor: torch.Tensor) -> Flat:
+    """A contiguous CPU tensor (one `handles` accepts) as a Flat."""
+    return Flat(tensor.data_ptr(), dtype_code(tensor.dtype))
+
+
+def bits_at(bits: torch.Tensor, count: int) -> int:
+    """The address of a uint8 tensor with room for `count` entries' bits."""
+    assert bits.dtype == torch.uint8 and bits.numel() >= (count + 7) // 8
+    return bits.data_ptr()
+
+
+def _arrays(arrays: Sequence[Flat]) -> tuple[ctypes.Array, ctypes.Array]:
+    pointers = (ctypes.c_void_p * len(arrays))(*(a.address for a in arrays))
+    codes = (ctypes.c_int32 * len(arrays))(*(a.code for a in arrays))
+    return pointers, codes
 
 
 def family_block(
-    base: torch.Tensor,
-    models: Sequence[torch.Tensor],
+    base: Flat,
+    models: Sequence[Flat],
     trims: Sequence[Trim],
     start: int,
     end: int,
@@ -203,15 +222,15 @@ def family_block(
     normalize: bool,
     plain_divisor: float,
     lambda_: float,
-    out: torch.Tensor,
+    out: Flat,
 ) -> None:
     """One block of the task-vector family into `out` (flat)."""
-    pointers, dtypes = _pointers(models)
-    arguments = (
-        base.data_ptr(),
-        dtype_code(base.dtype),
+    pointers, codes = _arrays(models)
+    status = loaded().ms_family_block(
+        base.address,
+        base.code,
         pointers,
-        dtypes,
+        codes,
         len(models),
         (Trim * len(trims))(*trims),
         start,
@@ -221,39 +240,44 @@ def family_block(
         plain_divisor,
         int(lambda_ != 1),
         lambda_,
+        out.address,
+        out.code,
     )
-    _combine_into(loaded().ms_family_block, arguments, out)
+    if status != 0:
+        raise KernelError("no memory for the kernel's scratch buffers")
 
 
 def linear_block(
-    models: Sequence[torch.Tensor],
+    models: Sequence[Flat],
     weights: Sequence[float],
     start: int,
     end: int,
     *,
     normalize: bool,
     total: float,
-    out: torch.Tensor,
+    out: Flat,
 ) -> None:
     """One block of the weighted sum into `out` (flat)."""
-    pointers, dtypes = _pointers(models)
-    arguments = (
+    pointers, codes = _arrays(models)
+    status = loaded().ms_linear_block(
         pointers,
-        dtypes,
+        codes,
         (ctypes.c_float * len(weights))(*weights),
         len(models),
         start,
         end - start,
         int(normalize),
         total,
+        out.address,
+        out.code,
     )
-    _combine_into(loaded().ms_linear_block, arguments, out)
-
-
-def _combine_into(kernel, arguments: tuple, out: torch.Tensor) -> None:
-    """Call a combining kernel, whose last arguments are always the output and its dtype."""
-    if kernel(*arguments, out.data_ptr(), dtype_code(out.dtype)) != 0:
+    if status != 0:
         raise KernelError("no memory for the kernel's scratch buffers")
+
+
+def count_nonfinite(array: Flat, count: int) -> int:
+    """How many of the `count` values of `array` are NaN or infinite."""
+    return loaded().ms_count_nonfinite(array.address, array.code, count)
 
 
 @dataclass(frozen=True)
@@ -355,32 +379,32 @@ def stream_keep(
 
 
 def stream_measure(
-    base: torch.Tensor,
-    model: torch.Tensor,
+    base: Flat,
+    model: Flat,
     start: int,
     end: int,
     key: int,
     threshold: int,
-    bits: torch.Tensor,
+    bits: int,
     total: NativeSum,
     kept: NativeSum,
 ) -> None:
     """DARE's measuring pass over [start, end) of the flat inputs: adds |model - base| (float32)
     to `total` and the same with the entries ops.stream drops (draw >= threshold) zeroed to
-    `kept`, exactly, and packs that keep mask into `bits` (uint8, as pack_mask packs it)."""
-    assert bits.dtype == torch.uint8 and bits.numel() >= (end - start + 7) // 8
+    `kept`, exactly, and packs that keep mask into the (end - start + 7) // 8 bytes at `bits`
+    (as pack_mask packs it)."""
     loaded().ms_stream_measure(
-        base.data_ptr(),
-        dtype_code(base.dtype),
-        model.data_ptr(),
-        dtype_code(model.dtype),
+        base.address,
+        base.code,
+        model.address,
+        model.code,
         start,
         end - start,
         key,
         threshold,
         ctypes.byref(total),
         ctypes.byref(kept),
-        bits.data_ptr(),
+        bits,
     )
 
 
@@ -412,29 +436,28 @@ def della_keep(
 
 
 def della_measure(
-    base: torch.Tensor,
-    model: torch.Tensor,
+    base: Flat,
+    model: Flat,
     start: int,
     end: int,
     width: int,
     key: int,
     scale: float,
     offset: float,
-    bits: torch.Tensor,
+    bits: int,
     total: NativeSum,
     kept: NativeSum,
 ) -> None:
     """DELLA's measuring pass over the rows [start, end) of flat inputs (`width` > 1 entries
     each): adds |model - base| (float32) to `total` and the same with the entries della_keep
-    drops zeroed to `kept`, exactly, and packs that keep mask into `bits` (uint8, as pack_mask
-    packs it)."""
+    drops zeroed to `kept`, exactly, and packs that keep mask into the (end - start + 7) // 8
+    bytes at `bits` (as pack_mask packs it)."""
     assert 1 < width < 1 << 31 and (end - start) % width == 0
-    assert bits.dtype == torch.uint8 and bits.numel() >= (end - start + 7) // 8
     failed = loaded().ms_della_measure(
-        base.data_ptr(),
-        dtype_code(base.dtype),
-        model.data_ptr(),
-        dtype_code(model.dtype),
+        base.address,
+        base.code,
+        model.address,
+        model.code,
         start,
         (end - start) // width,
         width,
@@ -443,7 +466,7 @@ def della_measure(
         offset,
         ctypes.byref(total),
         ctypes.byref(kept),
-        bits.data_ptr(),
+        bits,
     )
     if failed:
         raise KernelError("no memory for the kernel's scratch buffers")
