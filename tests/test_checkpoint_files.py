@@ -254,3 +254,21 @@ def test_the_output_may_sit_beside_model_files_but_not_replace_their_folder(
     with pytest.raises(MergeError, match="overlaps input model"):
         merge(recipe, tmp_path / "ckpts", overwrite=True)
     assert a.is_file() and b.is_file()
+
+
+def test_a_tensor_off_its_item_alignment_is_read_from_a_copy(tmp_path: Path) -> None:
+    """A hand-made file whose data starts at an odd offset: both the torch read and the raw
+    bytes the kernel route takes come from a copy, with the values written."""
+    values = torch.tensor([1.5, -2.25, 3.0], dtype=torch.bfloat16)
+    header = json.dumps(
+        {"w": {"dtype": "BF16", "shape": [3], "data_offsets": [1, 7]}}, separators=(",", ":")
+    ).encode()
+    header += b" " * ((-len(header)) % 8)  # data starts on 8 bytes; the tensor one past it
+    raw = values.view(torch.uint8).numpy().tobytes()
+    path = tmp_path / "odd.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" + raw)
+    source = SafetensorsSource("odd", tmp_path, [path])
+    assert torch.equal(source.read("w"), values)
+    buffer = source.buffer("w")
+    assert isinstance(buffer, bytearray) and bytes(buffer) == raw
+    source.close()

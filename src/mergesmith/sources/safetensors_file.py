@@ -122,18 +122,10 @@ class SafetensorsSource(ModelSource):
         import torch
 
         meta = self.tensors[name]
-        path, offset, length = self._entries[name]
         dtype = to_torch(meta.dtype)
         if meta.numel == 0:
             return torch.empty(meta.shape, dtype=dtype)
-        mapped = self._map(path)
-        if offset % ITEMSIZE[meta.dtype]:
-            # An unaligned tensor cannot be viewed in place; copy its bytes once.
-            buf = bytearray(mapped[offset : offset + length])
-            return torch.frombuffer(buf, dtype=dtype).reshape(meta.shape)
-        return torch.frombuffer(mapped, dtype=dtype, count=meta.numel, offset=offset).reshape(
-            meta.shape
-        )
+        return torch.frombuffer(self.buffer(name), dtype=dtype).reshape(meta.shape)
 
     def buffer(self, name: str) -> memoryview | bytearray:
         """A tensor's bytes without torch: a writable view of the mapped file (private, so
@@ -144,6 +136,7 @@ class SafetensorsSource(ModelSource):
             return bytearray()
         mapped = self._map(path)
         if offset % ITEMSIZE[meta.dtype]:
+            # An unaligned tensor cannot be viewed in place; its bytes are copied once.
             return bytearray(mapped[offset : offset + length])
         return memoryview(mapped)[offset : offset + length]
 
